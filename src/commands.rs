@@ -1,0 +1,101 @@
+//! What `once`, `status` and `check-config` do and print. `run` is
+//! [`crate::daemon::run`].
+
+use std::io::Write;
+use std::time::SystemTime;
+
+use crate::agent::Agent;
+use crate::config::Config;
+use crate::error::Error;
+use crate::keyring::Keyring;
+use crate::state::State;
+
+/// One cycle; prints its outcome on stdout.
+pub async fn once(config: Config) -> Result<(), Error> {
+    let mut state = State::load(&config.state_path())?;
+    let agent = Agent::new(config).await?;
+    let outcome = agent.cycle(&mut state).await?;
+    println!("{outcome}");
+    Ok(())
+}
+
+/// What is installed, the last poll and the last error, from state.json.
+pub fn status(config: &Config, json: bool) -> Result<(), Error> {
+    let state = State::load(&config.state_path())?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let text = serde_json::to_string_pretty(&state).unwrap_or_default();
+        let _ = writeln!(out, "{text}");
+        return Ok(());
+    }
+    let _ = writeln!(
+        out,
+        "repository: {} suite {}",
+        config.repository.url, config.repository.suite
+    );
+    for spec in &config.agent.packages {
+        match state.installed.get(&spec.name) {
+            Some(p) => {
+                let when = p
+                    .installed_at
+                    .map(|t| format!(" (installed {})", t.to_rfc3339()))
+                    .unwrap_or_default();
+                let _ = writeln!(out, "{}: {}{when}", spec.name, p.version);
+            }
+            None => {
+                let _ = writeln!(out, "{}: not installed", spec.name);
+            }
+        }
+    }
+    match &state.release {
+        Some(r) => {
+            let _ = writeln!(
+                out,
+                "release: {} dated {} signed by {}",
+                r.file,
+                r.date.to_rfc3339(),
+                r.signer
+            );
+        }
+        None => {
+            let _ = writeln!(out, "release: none accepted yet");
+        }
+    }
+    match &state.last_poll {
+        Some(p) => {
+            let _ = writeln!(out, "last poll: {} {}", p.at.to_rfc3339(), p.outcome);
+        }
+        None => {
+            let _ = writeln!(out, "last poll: never");
+        }
+    }
+    if let Some(e) = &state.last_error {
+        let _ = writeln!(out, "last error: {} {}", e.at.to_rfc3339(), e.message);
+    }
+    Ok(())
+}
+
+/// Validates the keyring (the config was validated by loading it).
+pub fn check_config(config: &Config) -> Result<(), Error> {
+    let keyring = Keyring::load(&config.repository.keyring)?;
+    let now = SystemTime::now();
+    println!("config {}: ok", config.path.display());
+    println!(
+        "repository: {} suite {} component {}",
+        config.repository.url, config.repository.suite, config.repository.component
+    );
+    for fingerprint in keyring.signing_fingerprints(now) {
+        println!("signing key: {fingerprint}");
+    }
+    let packages: Vec<String> = config
+        .agent
+        .packages
+        .iter()
+        .map(|p| match &p.pinned {
+            Some(v) => format!("{}={v}", p.name),
+            None => p.name.clone(),
+        })
+        .collect();
+    println!("packages: {}", packages.join(", "));
+    Ok(())
+}

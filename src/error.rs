@@ -1,0 +1,273 @@
+//! Error types: one enum per concern, one variant per failed operation.
+//!
+//! Every message names its object (URL, path, key fingerprint) and, for
+//! verification failures, the expected and the actual value. The top level
+//! prints the chain once and maps it to a sysexits code with
+//! [`Error::exit_code`].
+
+use std::path::PathBuf;
+
+/// sysexits(3) codes used by the command line (DESIGN.md "Command line").
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// EX_USAGE: bad command line or configuration.
+    pub const USAGE: u8 = 64;
+    /// EX_DATAERR: data failed verification.
+    pub const DATAERR: u8 = 65;
+    /// EX_UNAVAILABLE: the repository could not be reached or read.
+    pub const UNAVAILABLE: u8 = 69;
+    /// EX_SOFTWARE: the install failed.
+    pub const SOFTWARE: u8 = 70;
+    /// EX_IOERR: a local file (state, cache) could not be read or written.
+    pub const IOERR: u8 = 74;
+}
+
+/// Everything a cycle or a command can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error(transparent)]
+    Install(#[from] InstallError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(
+        "cycle deadline of {limit:?} passed before the repository was read; retried next cycle"
+    )]
+    CycleDeadline { limit: std::time::Duration },
+    #[error("cannot start the async runtime: {source}")]
+    Runtime { source: std::io::Error },
+    #[error("cannot install signal handlers: {source}")]
+    Signals { source: std::io::Error },
+    #[error("cannot serve health on {addr}: {source}")]
+    HealthListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The sysexits code that `once` and the other commands exit with.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(_) | Error::Keyring(_) | Error::HealthListen { .. } => exit::USAGE,
+            Error::Verify(_) => exit::DATAERR,
+            Error::Source(_) | Error::CycleDeadline { .. } => exit::UNAVAILABLE,
+            Error::Install(_) => exit::SOFTWARE,
+            Error::State(_) | Error::Runtime { .. } | Error::Signals { .. } => exit::IOERR,
+        }
+    }
+}
+
+/// Configuration problems; all of them are collected before reporting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config {path} is invalid:\n  {}", problems.join("\n  "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+    #[error(
+        "cannot determine the architecture (dpkg --print-architecture): {0}; set repository.architecture"
+    )]
+    Architecture(String),
+}
+
+/// Loading the pinned certificates.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    #[error("cannot read keyring {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("keyring {path} is not a valid OpenPGP certificate file: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("keyring {path} holds no certificate")]
+    Empty { path: PathBuf },
+    #[error("keyring {path}: no certificate has a key that may sign now ({details})")]
+    NoSigningKey { path: PathBuf, details: String },
+}
+
+/// Where bytes come from. "Not found" is kept apart from "failed".
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{url} not found")]
+    NotFound { url: String },
+    /// S3 answers 403 for a missing key when the caller may not list the
+    /// bucket, so this may also mean "not found".
+    #[error(
+        "{url}: access denied ({detail}; S3 also answers 403 for a missing key without s3:ListBucket)"
+    )]
+    Denied { url: String, detail: String },
+    #[error("{url} unavailable: {message}")]
+    Unavailable { url: String, message: String },
+    #[error("reading {url} failed: {source}")]
+    Read { url: String, source: std::io::Error },
+    #[error("{url} is larger than the limit of {limit} bytes")]
+    TooLarge { url: String, limit: u64 },
+    #[error("no AWS region: set repository.region, AWS_REGION, or run on EC2")]
+    NoRegion,
+    #[error("cannot write {path}: {source}")]
+    WriteCache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl SourceError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            SourceError::NotFound { .. } | SourceError::Denied { .. }
+        )
+    }
+}
+
+/// Anything the repository said that we do not accept.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{url}: malformed cleartext signature: {reason}")]
+    CleartextFraming { url: String, reason: String },
+    #[error("{url}: not a cleartext-signed message")]
+    NotCleartext { url: String },
+    #[error("{url}: no valid signature by a pinned key (keyring {keyring}): {details}")]
+    Signature {
+        url: String,
+        keyring: PathBuf,
+        details: String,
+    },
+    #[error("{url}: signed text differs from the cleartext framing ({reason})")]
+    SignedTextMismatch { url: String, reason: String },
+    #[error("{url}: cannot parse Release: {reason}")]
+    ReleaseParse { url: String, reason: String },
+    #[error("{url}: Suite/Codename is {actual:?}, expected {expected:?}")]
+    WrongSuite {
+        url: String,
+        expected: String,
+        actual: String,
+    },
+    #[error(
+        "{url}: Release Date {date} is older than the last accepted {accepted} (replayed or rolled-back repository)"
+    )]
+    Replay {
+        url: String,
+        date: String,
+        accepted: String,
+    },
+    #[error("{url}: Release expired: Valid-Until {valid_until} is before now ({now})")]
+    Expired {
+        url: String,
+        valid_until: String,
+        now: String,
+    },
+    #[error("{url}: Release Date {date} is in the future (now {now}, allowed skew {skew:?})")]
+    FromFuture {
+        url: String,
+        date: String,
+        now: String,
+        skew: std::time::Duration,
+    },
+    #[error("{url}: Release Date {date} is older than max_age {max_age:?} (frozen repository?)")]
+    TooOld {
+        url: String,
+        date: String,
+        max_age: std::time::Duration,
+    },
+    #[error(
+        "the clock ({now}) is earlier than the last accepted Release Date ({accepted}); fix the clock (checks stay on)"
+    )]
+    ClockBehind { now: String, accepted: String },
+    #[error("{url}: Release lists no SHA256 entry for {wanted}")]
+    IndexMissing { url: String, wanted: String },
+    #[error("{url}: SHA256 mismatch: expected {expected}, got {actual}")]
+    HashMismatch {
+        url: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{url}: size mismatch: expected {expected} bytes, got {actual}")]
+    SizeMismatch {
+        url: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{url}: longer than the declared {expected} bytes; aborted at {expected}+1")]
+    TooLong { url: String, expected: u64 },
+    #[error("{url}: cannot decompress: {reason}")]
+    Decompress { url: String, reason: String },
+    #[error("{url}: cannot parse Packages: {reason}")]
+    PackagesParse { url: String, reason: String },
+    #[error("package {package}: not in {url}")]
+    PackageMissing { package: String, url: String },
+    #[error("package {package}: pinned version {version} is not in {url}")]
+    PinnedMissing {
+        package: String,
+        version: String,
+        url: String,
+    },
+    #[error("package {package}: unsafe Filename {filename:?}")]
+    UnsafeFilename { package: String, filename: String },
+}
+
+/// Installing with dpkg.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("dpkg failed ({status}) installing {packages}: {stderr}")]
+    Dpkg {
+        packages: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("cannot read dpkg status {path}: {source}")]
+    Status {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("after dpkg, {package} is {actual:?}, expected {expected}")]
+    NotInstalled {
+        package: String,
+        expected: String,
+        actual: Option<String>,
+    },
+}
+
+/// Persisted state and the cache.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot read state {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state {path} is corrupt: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("cannot write state {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot prepare directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,166 @@
+//! Readiness for the load balancer: `GET /healthz` and the app probe.
+//!
+//! The node is ready (200) when every configured package is installed and
+//! the optional `check_url` answers 2xx; otherwise 503. The body is JSON
+//! with what was decided and why, for humans and for scripts.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// What the last cycle left behind, shared with the health server.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Snapshot {
+    pub wanted: Vec<String>,
+    /// Installed versions of the wanted packages, as dpkg reports them.
+    pub installed: BTreeMap<String, String>,
+    pub last_poll: Option<String>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    ready: bool,
+    reason: String,
+    #[serde(flatten)]
+    snapshot: &'a Snapshot,
+}
+
+pub struct Health {
+    snapshot: RwLock<Snapshot>,
+    check_url: Option<String>,
+    client: reqwest::Client,
+}
+
+/// How long the app probe may take before the node counts as not ready.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Health {
+    pub fn new(wanted: Vec<String>, check_url: Option<String>) -> Arc<Health> {
+        Arc::new(Health {
+            snapshot: RwLock::new(Snapshot {
+                wanted,
+                ..Snapshot::default()
+            }),
+            check_url,
+            client: reqwest::Client::new(),
+        })
+    }
+
+    /// Replaces the snapshot with `update` applied to it.
+    pub fn update(&self, update: impl FnOnce(&mut Snapshot)) {
+        // A poisoned lock only means a panic elsewhere mid-update; the
+        // snapshot is plain data, so keep serving it.
+        let mut snapshot = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
+        update(&mut snapshot);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Decides readiness now: packages first, then the app probe.
+    pub async fn evaluate(&self) -> (bool, String, Snapshot) {
+        let snapshot = self.snapshot();
+        let missing: Vec<&str> = snapshot
+            .wanted
+            .iter()
+            .filter(|name| !snapshot.installed.contains_key(*name))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            let reason = format!("not installed: {}", missing.join(", "));
+            return (false, reason, snapshot);
+        }
+        let Some(url) = &self.check_url else {
+            return (true, "packages installed".into(), snapshot);
+        };
+        let (ready, reason) = match self.client.get(url).timeout(PROBE_TIMEOUT).send().await {
+            Ok(response) if response.status().is_success() => {
+                (true, format!("{url} answered {}", response.status()))
+            }
+            Ok(response) => (false, format!("{url} answered {}", response.status())),
+            Err(e) => (false, format!("{url} unreachable: {e}")),
+        };
+        (ready, reason, snapshot)
+    }
+
+    async fn respond(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        if request.uri().path() != "/healthz" {
+            return plain(StatusCode::NOT_FOUND, "not found\n");
+        }
+        let (ready, reason, snapshot) = self.evaluate().await;
+        let body = serde_json::to_vec_pretty(&Report {
+            ready,
+            reason,
+            snapshot: &snapshot,
+        })
+        .unwrap_or_default();
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response
+}
+
+/// Serves `/healthz` on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "health server: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let health = health.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let health = health.clone();
+                async move { Ok::<_, Infallible>(health.respond(request).await) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(error = %e, "health server: connection ended");
+            }
+        });
+    }
+}

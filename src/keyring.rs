@@ -1,0 +1,346 @@
+//! Pinned signing certificates and the signature policy.
+//!
+//! Only certificates in the configured keyring may sign a Release. Sequoia's
+//! `StandardPolicy` decides what a valid signature is (RFC 9580 plus current
+//! practice): SHA-1 signatures, revoked or expired keys and keys without
+//! the signing capability are refused. One good signature by a pinned key is
+//! enough; other signatures beside it (unknown keys, broken packets) do not
+//! spoil it, as with apt/sqv.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use openpgp::cert::{Cert, CertParser};
+use openpgp::parse::Parse;
+use openpgp::parse::stream::{
+    DetachedVerifierBuilder, MessageLayer, MessageStructure, VerificationError, VerificationHelper,
+    VerifierBuilder,
+};
+use openpgp::policy::StandardPolicy;
+use sequoia_openpgp as openpgp;
+
+use crate::error::{KeyringError, VerifyError};
+use crate::repo::csf;
+
+/// The certificates allowed to sign Release files.
+#[derive(Debug, Clone)]
+pub struct Keyring {
+    path: PathBuf,
+    certs: Vec<Cert>,
+}
+
+/// Text that a pinned key has signed.
+#[derive(Debug)]
+pub struct Verified {
+    pub text: String,
+    /// Fingerprint of the key that made the good signature.
+    pub signer: String,
+}
+
+impl Keyring {
+    /// Loads every certificate in `path` (armored or binary). Fails when the
+    /// file holds none, or none that can sign now under the policy.
+    pub fn load(path: &Path) -> Result<Keyring, KeyringError> {
+        let bytes = std::fs::read(path).map_err(|source| KeyringError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut certs = Vec::new();
+        let parser = CertParser::from_bytes(&bytes).map_err(|e| KeyringError::Parse {
+            path: path.to_path_buf(),
+            message: format!("{e:#}"),
+        })?;
+        for cert in parser {
+            let cert = cert.map_err(|e| KeyringError::Parse {
+                path: path.to_path_buf(),
+                message: format!("{e:#}"),
+            })?;
+            if cert.is_tsk() {
+                // A secret key in a node's keyring is a deployment mistake;
+                // keep only the public part in memory.
+                certs.push(cert.strip_secret_key_material());
+            } else {
+                certs.push(cert);
+            }
+        }
+        if certs.is_empty() {
+            return Err(KeyringError::Empty {
+                path: path.to_path_buf(),
+            });
+        }
+        let keyring = Keyring {
+            path: path.to_path_buf(),
+            certs,
+        };
+        if keyring.signing_fingerprints(SystemTime::now()).is_empty() {
+            let details = keyring
+                .certs
+                .iter()
+                .map(|c| format!("{}: {}", c.fingerprint(), cert_problem(c)))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(KeyringError::NoSigningKey {
+                path: path.to_path_buf(),
+                details,
+            });
+        }
+        Ok(keyring)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Fingerprints of the certificates that hold a key able to sign at `now`.
+    pub fn signing_fingerprints(&self, now: SystemTime) -> Vec<String> {
+        let policy = StandardPolicy::new();
+        self.certs
+            .iter()
+            .filter(|cert| {
+                cert.keys()
+                    .with_policy(&policy, now)
+                    .alive()
+                    .revoked(false)
+                    .for_signing()
+                    .next()
+                    .is_some()
+            })
+            .map(|cert| cert.fingerprint().to_hex())
+            .collect()
+    }
+
+    /// The earliest expiry among signing-capable keys, if any expires.
+    pub fn signing_key_expiry(&self, now: SystemTime) -> Option<SystemTime> {
+        let policy = StandardPolicy::new();
+        self.certs
+            .iter()
+            .flat_map(|cert| {
+                cert.keys()
+                    .with_policy(&policy, now)
+                    .alive()
+                    .revoked(false)
+                    .for_signing()
+                    .filter_map(|ka| ka.key_expiration_time())
+                    .collect::<Vec<_>>()
+            })
+            .min()
+    }
+
+    /// Verifies an InRelease: strict cleartext framing first, then the
+    /// signature over the whole input. Returns the signed text only.
+    pub fn verify_cleartext(
+        &self,
+        url: &str,
+        input: &[u8],
+        now: SystemTime,
+    ) -> Result<Verified, VerifyError> {
+        let framed = csf::split(input).map_err(|reason| {
+            if input.starts_with(b"-----BEGIN PGP SIGNED MESSAGE-----") {
+                VerifyError::CleartextFraming {
+                    url: url.to_string(),
+                    reason,
+                }
+            } else {
+                VerifyError::NotCleartext {
+                    url: url.to_string(),
+                }
+            }
+        })?;
+        let policy = StandardPolicy::new();
+        let mut helper = Helper::new(&self.certs);
+        let signature_error = |helper: &Helper, e: openpgp::anyhow::Error| VerifyError::Signature {
+            url: url.to_string(),
+            keyring: self.path.clone(),
+            details: helper.describe(e),
+        };
+        let mut verifier = match VerifierBuilder::from_bytes(input)
+            .and_then(|b| b.with_policy(&policy, Some(now), &mut helper))
+        {
+            Ok(v) => v,
+            Err(e) => return Err(signature_error(&Helper::new(&[]), e)),
+        };
+        let mut output = Vec::new();
+        let read = verifier.read_to_end(&mut output);
+        let processed = verifier.message_processed();
+        drop(verifier);
+        if let Err(e) = read {
+            return Err(signature_error(&helper, e.into()));
+        }
+        if !processed || helper.good.is_none() {
+            return Err(signature_error(
+                &helper,
+                openpgp::anyhow::anyhow!("message not fully verified"),
+            ));
+        }
+        let text = String::from_utf8(output).map_err(|_| VerifyError::SignedTextMismatch {
+            url: url.to_string(),
+            reason: "signed text is not UTF-8".into(),
+        })?;
+        if text != framed.text {
+            return Err(VerifyError::SignedTextMismatch {
+                url: url.to_string(),
+                reason: format!(
+                    "{} signed bytes vs {} framed bytes",
+                    text.len(),
+                    framed.text.len()
+                ),
+            });
+        }
+        Ok(Verified {
+            text,
+            signer: helper.good.unwrap_or_default(),
+        })
+    }
+
+    /// Verifies `Release` against a detached `Release.gpg`. The signature
+    /// file must hold signatures only: anything else (literal data,
+    /// compressed packets, a cleartext message) fails.
+    pub fn verify_detached(
+        &self,
+        url: &str,
+        data: &[u8],
+        signature: &[u8],
+        now: SystemTime,
+    ) -> Result<Verified, VerifyError> {
+        let policy = StandardPolicy::new();
+        let mut helper = Helper::new(&self.certs);
+        let result = DetachedVerifierBuilder::from_bytes(signature)
+            .and_then(|b| b.with_policy(&policy, Some(now), &mut helper))
+            .and_then(|mut v| v.verify_bytes(data));
+        if let Err(e) = result {
+            return Err(VerifyError::Signature {
+                url: url.to_string(),
+                keyring: self.path.clone(),
+                details: helper.describe(e),
+            });
+        }
+        let Some(signer) = helper.good.take() else {
+            return Err(VerifyError::Signature {
+                url: url.to_string(),
+                keyring: self.path.clone(),
+                details: helper.describe(openpgp::anyhow::anyhow!("no good signature")),
+            });
+        };
+        let text = String::from_utf8(data.to_vec()).map_err(|_| VerifyError::ReleaseParse {
+            url: url.to_string(),
+            reason: "not UTF-8".into(),
+        })?;
+        Ok(Verified { text, signer })
+    }
+}
+
+fn cert_problem(cert: &Cert) -> String {
+    let policy = StandardPolicy::new();
+    match cert.with_policy(&policy, SystemTime::now()) {
+        Err(e) => format!("{e}"),
+        Ok(valid) => match valid.alive() {
+            Err(e) => format!("{e}"),
+            Ok(()) => "no key with the signing capability that is alive and not revoked".into(),
+        },
+    }
+}
+
+/// Collects what Sequoia saw so that the error names the keys involved.
+struct Helper<'a> {
+    certs: &'a [Cert],
+    good: Option<String>,
+    problems: Vec<String>,
+}
+
+impl<'a> Helper<'a> {
+    fn new(certs: &'a [Cert]) -> Self {
+        Helper {
+            certs,
+            good: None,
+            problems: Vec::new(),
+        }
+    }
+
+    fn describe(&self, error: openpgp::anyhow::Error) -> String {
+        if self.problems.is_empty() {
+            format!("{error:#}")
+        } else {
+            self.problems.join("; ")
+        }
+    }
+}
+
+fn issuers(sig: &openpgp::packet::Signature) -> String {
+    let issuers: Vec<String> = sig.get_issuers().iter().map(|h| h.to_hex()).collect();
+    if issuers.is_empty() {
+        "no issuer".into()
+    } else {
+        issuers.join(",")
+    }
+}
+
+impl VerificationHelper for &mut Helper<'_> {
+    fn get_certs(&mut self, _ids: &[openpgp::KeyHandle]) -> openpgp::Result<Vec<Cert>> {
+        Ok(self.certs.to_vec())
+    }
+
+    fn check(&mut self, structure: MessageStructure) -> openpgp::Result<()> {
+        for layer in structure.into_iter() {
+            match layer {
+                MessageLayer::SignatureGroup { results } => {
+                    for result in results {
+                        match result {
+                            Ok(good) => {
+                                if self.good.is_none() {
+                                    self.good = Some(good.ka.cert().fingerprint().to_hex());
+                                }
+                            }
+                            Err(error) => self.problems.push(describe_failure(&error)),
+                        }
+                    }
+                }
+                MessageLayer::Compression { .. } => {
+                    self.problems
+                        .push("compressed data where a plain signature was expected".into());
+                    return Err(openpgp::anyhow::anyhow!("compressed message"));
+                }
+                MessageLayer::Encryption { .. } => {
+                    self.problems.push("encrypted message".into());
+                    return Err(openpgp::anyhow::anyhow!("encrypted message"));
+                }
+            }
+        }
+        if self.good.is_some() {
+            Ok(())
+        } else {
+            if self.problems.is_empty() {
+                self.problems.push("no signature".into());
+            }
+            Err(openpgp::anyhow::anyhow!(
+                "no good signature by a pinned key"
+            ))
+        }
+    }
+}
+
+fn describe_failure(error: &VerificationError) -> String {
+    match error {
+        VerificationError::MissingKey { sig } => {
+            format!("signed by key {} which is not in the keyring", issuers(sig))
+        }
+        VerificationError::UnboundKey { sig, cert, error } => format!(
+            "key {} of {} is not valid: {error}",
+            issuers(sig),
+            cert.fingerprint()
+        ),
+        VerificationError::BadKey { sig, ka, error } => format!(
+            "key {} ({}) may not sign: {error}",
+            issuers(sig),
+            ka.cert().fingerprint()
+        ),
+        VerificationError::BadSignature { sig, error, .. } => {
+            format!("bad signature by {}: {error}", issuers(sig))
+        }
+        VerificationError::MalformedSignature { sig, error } => {
+            format!("malformed signature by {}: {error}", issuers(sig))
+        }
+        VerificationError::UnknownSignature { .. } => "unparsable signature".to_string(),
+        _ => "unknown verification error".to_string(),
+    }
+}

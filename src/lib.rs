@@ -1,0 +1,35 @@
+//! pulldeploy: a pull-based deployment agent.
+//!
+//! A node runs `pulldeploy run`. Every interval it fetches a signed apt
+//! repository (S3 or a local directory), verifies it against pinned OpenPGP
+//! certificates, installs the newest version of the configured packages
+//! with dpkg, and tells the load balancer whether it is ready.
+//!
+//! Where things live:
+//!
+//! - [`cli`]: command-line definitions; [`commands`]: what each command does.
+//! - [`config`]: the TOML schema, defaults, validation (all problems at once).
+//! - [`error`]: one error enum per concern, mapped to sysexits codes.
+//! - [`source`]: where bytes come from (`Source` trait: S3, local dir) and the
+//!   capped, hashing readers every byte passes through.
+//! - [`repo`]: the apt repository model, pure and IO-free: cleartext
+//!   framing, Release, Packages, streaming digests.
+//! - [`keyring`]: pinned certificates and the signature policy (Sequoia).
+//! - [`install`]: dpkg as a subprocess.
+//! - [`health`]: `/healthz` and the app probe.
+//! - [`state`]: `state.json`, written atomically.
+//! - [`agent`]: one cycle, the only place that sequences the steps.
+//! - [`daemon`]: interval, jitter, health server, shutdown.
+
+pub mod agent;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod health;
+pub mod install;
+pub mod keyring;
+pub mod repo;
+pub mod source;
+pub mod state;

@@ -1,0 +1,48 @@
+//! The `pulldeploy` binary: parse, set up logging, load the config, call the
+//! library, map the result to a sysexits code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use pulldeploy::cli::{Cli, Command};
+use pulldeploy::config::Config;
+use pulldeploy::error::{Error, exit};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PULLDEPLOY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            eprintln!("pulldeploy: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    let config_path = match &cli.command {
+        Command::Run(c) | Command::Once(c) | Command::CheckConfig(c) => &c.config,
+        Command::Status { config, .. } => &config.config,
+    };
+    let config = Config::from_file(config_path)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Runtime { source })?;
+    match cli.command {
+        Command::Run(_) => runtime.block_on(async {
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), repository = %config.repository.url, suite = %config.repository.suite, "pulldeploy starting");
+            pulldeploy::daemon::run(config, pulldeploy::daemon::shutdown_signal()).await
+        }),
+        Command::Once(_) => runtime.block_on(pulldeploy::commands::once(config)),
+        Command::Status { json, .. } => pulldeploy::commands::status(&config, json),
+        Command::CheckConfig(_) => pulldeploy::commands::check_config(&config),
+    }
+}

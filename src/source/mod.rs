@@ -1,0 +1,175 @@
+//! Where repository bytes come from: the [`Source`] trait, its S3 and local
+//! directory implementations, and the capped, verifying readers that every
+//! fetched byte passes through.
+//!
+//! A source only moves bytes. It never interprets them; the caller decides
+//! what is trusted, after [`crate::repo`] has checked them.
+
+pub mod file;
+pub mod s3;
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use crate::config::{Config, RepoUrl};
+use crate::error::{Error, SourceError, VerifyError};
+use crate::repo::digest::{Expected, Mismatch, StreamDigest};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub type Body = Pin<Box<dyn AsyncRead + Send>>;
+
+/// One object, still unread.
+pub struct Object {
+    pub etag: Option<String>,
+    pub body: Body,
+}
+
+pub enum Fetched {
+    /// The object's ETag still equals the one we sent (HTTP 304).
+    NotModified,
+    Object(Object),
+}
+
+/// A repository store, addressed by paths relative to the repository root
+/// (`dists/production/InRelease`, `pool/main/m/myapp/myapp_1.0_amd64.deb`).
+pub trait Source: Send + Sync {
+    /// A URL for `path`, for messages.
+    fn url(&self, path: &str) -> String;
+
+    /// Fetches `path`; with `if_none_match`, answers `NotModified` when the
+    /// object still has that ETag.
+    fn get<'a>(
+        &'a self,
+        path: &'a str,
+        if_none_match: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Fetched, SourceError>>;
+}
+
+/// Builds the source named by `repository.url`.
+pub async fn from_config(config: &Config) -> Result<Box<dyn Source>, Error> {
+    Ok(match &config.repository.url {
+        RepoUrl::File(dir) => Box::new(file::FileSource::new(dir.clone())),
+        RepoUrl::S3 { bucket, prefix } => Box::new(
+            s3::S3Source::new(
+                bucket.clone(),
+                prefix.clone(),
+                config.repository.endpoint.as_deref(),
+                config.repository.region.as_deref(),
+            )
+            .await?,
+        ),
+    })
+}
+
+const CHUNK: usize = 64 * 1024;
+
+/// Reads a whole body into memory, refusing more than `limit` bytes.
+pub async fn read_capped(url: &str, mut body: Body, limit: u64) -> Result<Vec<u8>, SourceError> {
+    let mut data = Vec::new();
+    let mut chunk = vec![0u8; CHUNK];
+    loop {
+        let n = body
+            .read(&mut chunk)
+            .await
+            .map_err(|source| SourceError::Read {
+                url: url.to_string(),
+                source,
+            })?;
+        if n == 0 {
+            return Ok(data);
+        }
+        if (data.len() + n) as u64 > limit {
+            return Err(SourceError::TooLarge {
+                url: url.to_string(),
+                limit,
+            });
+        }
+        data.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Streams `body` into `dest`, checking size and SHA256 against `expected`
+/// while it streams. The bytes land in `dest` only when they all match:
+/// they are written to `dest.partial`, which is removed on any failure,
+/// then fsynced and renamed. Reading stops at `expected.size + 1` bytes.
+pub async fn download_verified(
+    url: &str,
+    body: Body,
+    expected: &Expected,
+    dest: &Path,
+) -> Result<(), Error> {
+    let partial = dest.with_extension("partial");
+    let result = stream_to(url, body, expected, &partial).await;
+    match result {
+        Ok(()) => tokio::fs::rename(&partial, dest).await.map_err(|source| {
+            Error::Source(SourceError::WriteCache {
+                path: dest.to_path_buf(),
+                source,
+            })
+        }),
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&partial).await;
+            Err(e)
+        }
+    }
+}
+
+async fn stream_to(
+    url: &str,
+    mut body: Body,
+    expected: &Expected,
+    partial: &Path,
+) -> Result<(), Error> {
+    let write_error = |source| {
+        Error::Source(SourceError::WriteCache {
+            path: partial.to_path_buf(),
+            source,
+        })
+    };
+    let mut file = tokio::fs::File::create(partial)
+        .await
+        .map_err(write_error)?;
+    let mut digest = StreamDigest::new(expected.size);
+    let mut chunk = vec![0u8; CHUNK];
+    loop {
+        let n = body
+            .read(&mut chunk)
+            .await
+            .map_err(|source| SourceError::Read {
+                url: url.to_string(),
+                source,
+            })?;
+        if n == 0 {
+            break;
+        }
+        digest
+            .update(&chunk[..n])
+            .map_err(|_| VerifyError::TooLong {
+                url: url.to_string(),
+                expected: expected.size,
+            })?;
+        file.write_all(&chunk[..n]).await.map_err(write_error)?;
+    }
+    digest.verify(expected).map_err(|m| mismatch(url, m))?;
+    file.sync_all().await.map_err(write_error)?;
+    Ok(())
+}
+
+/// Turns a digest mismatch into the error that names `url`.
+pub fn mismatch(url: &str, mismatch: Mismatch) -> VerifyError {
+    match mismatch {
+        Mismatch::Size { expected, actual } => VerifyError::SizeMismatch {
+            url: url.to_string(),
+            expected,
+            actual,
+        },
+        Mismatch::Sha256 { expected, actual } => VerifyError::HashMismatch {
+            url: url.to_string(),
+            expected,
+            actual,
+        },
+    }
+}

@@ -1,0 +1,187 @@
+//! `state.json`: what this node has installed and accepted.
+//!
+//! The file is replaced atomically (temp file in the same directory, fsync,
+//! rename, fsync of the directory), so a crash at any point leaves either
+//! the old or the new state, never a torn one.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::StateError;
+
+/// Bumped when the format changes incompatibly.
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    pub format: u32,
+    /// The last Release accepted in full (verified and every step after it
+    /// succeeded). Moves only forward.
+    pub release: Option<AcceptedRelease>,
+    /// Packages this agent installed, by name.
+    pub installed: BTreeMap<String, InstalledPackage>,
+    pub last_poll: Option<Poll>,
+    pub last_error: Option<Event>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptedRelease {
+    /// The Release `Date`; a Release older than this is a replay.
+    pub date: DateTime<Utc>,
+    pub valid_until: Option<DateTime<Utc>>,
+    /// ETag of the InRelease (or Release) object, sent as If-None-Match.
+    pub etag: Option<String>,
+    /// Which file carried the signature: `InRelease` or `Release`.
+    pub file: String,
+    pub signer: String,
+    pub accepted_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstalledPackage {
+    pub version: String,
+    /// SHA256 of the .deb this agent installed; `None` when the version was
+    /// found installed (by hand, or newer than the repository offers).
+    pub sha256: Option<String>,
+    pub installed_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Poll {
+    pub at: DateTime<Utc>,
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    pub at: DateTime<Utc>,
+    pub message: String,
+}
+
+impl State {
+    /// Reads `path`; a missing file is a fresh node.
+    pub fn load(path: &Path) -> Result<State, StateError> {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(State {
+                    format: FORMAT,
+                    ..State::default()
+                });
+            }
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        let state: State = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        if state.format != FORMAT {
+            return Err(StateError::Corrupt {
+                path: path.to_path_buf(),
+                message: format!("format {} (this agent reads {FORMAT})", state.format),
+            });
+        }
+        Ok(state)
+    }
+
+    /// Replaces `path` atomically with this state.
+    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| StateError::Write {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        })?;
+        write_atomically(path, &json)
+    }
+}
+
+/// temp file in the same directory, write, fsync, rename over `path`, fsync
+/// the directory so the rename itself is durable.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let write_error = |source| StateError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp: PathBuf = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result.map_err(write_error)
+}
+
+/// Creates `dir` (and parents) if needed.
+pub fn ensure_dir(dir: &Path) -> Result<(), StateError> {
+    std::fs::create_dir_all(dir).map_err(|source| StateError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_file_is_a_fresh_node_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let mut state = State::load(&path).unwrap();
+        assert_eq!(state.format, FORMAT);
+        assert!(state.installed.is_empty());
+        state.installed.insert(
+            "myapp".into(),
+            InstalledPackage {
+                version: "1.0".into(),
+                sha256: Some("00".into()),
+                installed_at: Some(Utc::now()),
+            },
+        );
+        state.save(&path).unwrap();
+        assert_eq!(State::load(&path).unwrap(), state);
+        // no temp file left behind
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["state.json"]);
+    }
+
+    #[test]
+    fn corrupt_state_is_an_error_not_a_fresh_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, b"{\"format\": 1, \"installed\": ").unwrap();
+        assert!(matches!(
+            State::load(&path),
+            Err(StateError::Corrupt { .. })
+        ));
+    }
+}
