@@ -568,10 +568,10 @@ impl Agent {
                 && !keep
                     .iter()
                     .any(|k| name == *k || name.starts_with(k.as_str()));
-            if stale_deb || name.ends_with(".partial") {
-                if let Err(e) = std::fs::remove_file(entry.path()) {
-                    warn!(path = %entry.path().display(), error = %e, "cannot prune cache");
-                }
+            if (stale_deb || name.ends_with(".partial"))
+                && let Err(e) = std::fs::remove_file(entry.path())
+            {
+                warn!(path = %entry.path().display(), error = %e, "cannot prune cache");
             }
         }
     }

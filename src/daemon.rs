@@ -31,6 +31,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             addr: config.health.listen,
             source,
         })?;
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "serving /healthz");
+    }
     let health = Health::new(
         config
             .agent

@@ -158,7 +158,7 @@ impl Keyring {
             .and_then(|b| b.with_policy(&policy, Some(now), &mut helper))
         {
             Ok(v) => v,
-            Err(e) => return Err(signature_error(&Helper::new(&[]), e)),
+            Err(e) => return Err(signature_error(&helper, e)),
         };
         let mut output = Vec::new();
         let read = verifier.read_to_end(&mut output);

@@ -1,6 +1,7 @@
 //! The `pulldeploy` binary: parse, set up logging, load the config, call the
 //! library, map the result to a sysexits code.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -10,11 +11,15 @@ use pulldeploy::error::{Error, exit};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The credential chain logs each failed provider with a Debug dump of
+    // the raw response; our own error already names the cause once.
+    let default_filter = "info,aws_config::meta::credentials::chain=error";
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PULLDEPLOY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     match run(cli) {

@@ -151,12 +151,11 @@ pub fn select<'a>(
     spec: &PackageSpec,
     installed: Option<&str>,
 ) -> Result<Selection<'a>, SelectError> {
-    let mine = candidates.iter().filter(|c| c.name == spec.name);
+    let mut mine = candidates.iter().filter(|c| c.name == spec.name);
     let chosen = match &spec.pinned {
         Some(pin) => {
             let pin: Version = pin.parse().map_err(|_| SelectError::PinnedMissing)?;
-            mine.filter(|c| c.version == pin)
-                .next()
+            mine.find(|c| c.version == pin)
                 .ok_or(SelectError::PinnedMissing)?
         }
         None => mine

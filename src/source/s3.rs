@@ -8,7 +8,7 @@
 
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::Region;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_s3::error::ProvideErrorMetadata;
 
 use super::{BoxFuture, Fetched, Object, Source};
 use crate::error::SourceError;
@@ -104,11 +104,27 @@ impl Source for S3Source {
                         }),
                         _ => Err(SourceError::Unavailable {
                             url,
-                            message: DisplayErrorContext(&error).to_string(),
+                            message: error_chain(&error),
                         }),
                     }
                 }
             }
         })
     }
+}
+
+/// The error and its sources on one line, each message once. The SDK's
+/// `DisplayErrorContext` adds a Debug dump with raw responses, which is
+/// neither one line nor safe to log.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
 }

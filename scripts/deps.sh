@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building and testing pulldeploy needs on Debian, once:
+# Sequoia's nettle backend (nettle-dev, libclang-dev), the repository tools
+# the tests make fixtures with (gpg, dpkg-dev, reprepro, aptly, apt), and
+# moto's S3 server (pip). Safe to re-run; does nothing when all is there.
+set -euo pipefail
+
+packages=(nettle-dev libclang-dev pkg-config gpg gpg-agent dpkg-dev reprepro aptly apt curl xz-utils python3-pip)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "deps: missing ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "deps: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v moto_server >/dev/null 2>&1; then
+  echo "deps: installing moto[server]"
+  python3 -m pip install -q "moto[server]" 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages "moto[server]"
+fi
