@@ -5,7 +5,7 @@
 # moto's S3 server (pip). Safe to re-run; does nothing when all is there.
 set -euo pipefail
 
-packages=(nettle-dev libclang-dev pkg-config gpg gpg-agent dpkg-dev reprepro aptly apt curl xz-utils python3-pip)
+packages=(nettle-dev libclang-dev pkg-config gpg gpg-agent dpkg-dev reprepro aptly apt curl xz-utils python3-pip faketime)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -169,12 +169,20 @@ impl Agent {
     pub async fn prepare(&self, state: &State) -> Result<Option<Plan>, Error> {
         crate::state::ensure_dir(&self.config.agent.state_dir)?;
         crate::state::ensure_dir(&self.config.agent.cache_dir)?;
-        let etag = match self.dpkg_agrees_with(state) {
+        let etag = match self.may_skip_unchanged(state) {
             true => state.release.as_ref().and_then(|r| r.etag.as_deref()),
             false => None,
         };
         let Some(signed) = self.fetch_signed_release(state, etag).await? else {
             debug!("Release unchanged (304)");
+            // Freshness still holds for the Release we run on: an expired or
+            // frozen repository, or a clock gone backwards, is reported even
+            // when nothing changed.
+            if let Some(accepted) = &state.release {
+                let rules = self.freshness(state);
+                release::check_times(accepted.date, accepted.valid_until, &rules)
+                    .map_err(|stale| stale_error(stale, &accepted.url, accepted.date, &rules))?;
+            }
             return Ok(None);
         };
         let release = self.check_release(&signed, state)?;
@@ -240,6 +248,8 @@ impl Agent {
                 valid_until: release.valid_until,
                 etag: signed.etag,
                 file: signed.file.to_string(),
+                url: signed.url.clone(),
+                packages: self.package_specs(),
                 signer: signed.verified.signer,
                 accepted_at: Utc::now(),
             },
@@ -307,10 +317,18 @@ impl Agent {
         })
     }
 
-    /// True when dpkg's installed versions are the ones state recorded, so a
-    /// 304 may end the cycle. Cheap when dpkg's status file has not changed
-    /// since it last matched (one stat).
-    fn dpkg_agrees_with(&self, state: &State) -> bool {
+    /// Whether a 304 may end the cycle: the accepted Release was read for
+    /// the same package list, and dpkg's installed versions are the ones
+    /// state recorded. Cheap when dpkg's status file has not changed since it
+    /// last matched (one stat).
+    fn may_skip_unchanged(&self, state: &State) -> bool {
+        let Some(accepted) = &state.release else {
+            return false;
+        };
+        if accepted.packages != self.package_specs() {
+            info!("agent.packages changed; fetching the full repository");
+            return false;
+        }
         let stamp = status_stamp(&self.dpkg.status_path());
         let mut remembered = self.status_stamp.lock().unwrap_or_else(|e| e.into_inner());
         if stamp.is_some() && *remembered == stamp {
@@ -330,6 +348,18 @@ impl Agent {
         agrees
     }
 
+    fn package_specs(&self) -> Vec<String> {
+        self.config
+            .agent
+            .packages
+            .iter()
+            .map(|p| match &p.pinned {
+                Some(version) => format!("{}={version}", p.name),
+                None => p.name.clone(),
+            })
+            .collect()
+    }
+
     fn remember_status_stamp(&self) {
         *self.status_stamp.lock().unwrap_or_else(|e| e.into_inner()) =
             status_stamp(&self.dpkg.status_path());
@@ -347,7 +377,9 @@ impl Agent {
 
         let path = self.dists("InRelease");
         let url = self.source.url(&path);
-        let inrelease_etag = etag.filter(|_| accepted_file == Some("InRelease"));
+        let accepted_url = state.release.as_ref().map(|r| r.url.as_str());
+        let inrelease_etag = etag
+            .filter(|_| accepted_file == Some("InRelease") && accepted_url == Some(url.as_str()));
         match self.source.get(&path, inrelease_etag).await {
             Ok(Fetched::NotModified) => return Ok(None),
             Ok(Fetched::Object(object)) => {
@@ -368,7 +400,8 @@ impl Agent {
 
         let path = self.dists("Release");
         let url = self.source.url(&path);
-        let release_etag = etag.filter(|_| accepted_file == Some("Release"));
+        let release_etag =
+            etag.filter(|_| accepted_file == Some("Release") && accepted_url == Some(url.as_str()));
         let (release_bytes, release_etag) = match self.source.get(&path, release_etag).await? {
             Fetched::NotModified => return Ok(None),
             Fetched::Object(object) => (
@@ -420,44 +453,21 @@ impl Agent {
             }
             .into());
         }
-        let rules = Freshness {
+        let rules = self.freshness(state);
+        release
+            .check_freshness(&rules)
+            .map_err(|stale| stale_error(stale, url, release.date, &rules))?;
+        info!(file = signed.file, signer = %signed.verified.signer, date = %release.date, "Release verified");
+        Ok(release)
+    }
+
+    fn freshness(&self, state: &State) -> Freshness {
+        Freshness {
             now: Utc::now(),
             accepted: state.release.as_ref().map(|r| r.date),
             max_age: self.config.repository.max_age,
             clock_skew: self.config.repository.clock_skew,
-        };
-        let show = |d: DateTime<Utc>| d.to_rfc2822();
-        release
-            .check_freshness(&rules)
-            .map_err(|stale| match stale {
-                Stale::ClockBehind { accepted } => VerifyError::ClockBehind {
-                    now: show(rules.now),
-                    accepted: show(accepted),
-                },
-                Stale::Replay { accepted } => VerifyError::Replay {
-                    url: url.clone(),
-                    date: show(release.date),
-                    accepted: show(accepted),
-                },
-                Stale::Expired { valid_until } => VerifyError::Expired {
-                    url: url.clone(),
-                    valid_until: show(valid_until),
-                    now: show(rules.now),
-                },
-                Stale::FromFuture => VerifyError::FromFuture {
-                    url: url.clone(),
-                    date: show(release.date),
-                    now: show(rules.now),
-                    skew: rules.clock_skew,
-                },
-                Stale::TooOld { max_age } => VerifyError::TooOld {
-                    url: url.clone(),
-                    date: show(release.date),
-                    max_age,
-                },
-            })?;
-        info!(file = signed.file, signer = %signed.verified.signer, date = %release.date, "Release verified");
-        Ok(release)
+        }
     }
 
     /// Fetches the Packages index (by hash when the Release offers it),
@@ -574,6 +584,39 @@ impl Agent {
                 warn!(path = %entry.path().display(), error = %e, "cannot prune cache");
             }
         }
+    }
+}
+
+/// The named error for a Release that failed a freshness rule.
+fn stale_error(stale: Stale, url: &str, date: DateTime<Utc>, rules: &Freshness) -> VerifyError {
+    let show = |d: DateTime<Utc>| d.to_rfc2822();
+    let url = url.to_string();
+    match stale {
+        Stale::ClockBehind { accepted } => VerifyError::ClockBehind {
+            now: show(rules.now),
+            accepted: show(accepted),
+        },
+        Stale::Replay { accepted } => VerifyError::Replay {
+            url,
+            date: show(date),
+            accepted: show(accepted),
+        },
+        Stale::Expired { valid_until } => VerifyError::Expired {
+            url,
+            valid_until: show(valid_until),
+            now: show(rules.now),
+        },
+        Stale::FromFuture => VerifyError::FromFuture {
+            url,
+            date: show(date),
+            now: show(rules.now),
+            skew: rules.clock_skew,
+        },
+        Stale::TooOld { max_age } => VerifyError::TooOld {
+            url,
+            date: show(date),
+            max_age,
+        },
     }
 }
 

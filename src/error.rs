@@ -58,6 +58,8 @@ impl Error {
         match self {
             Error::Config(_) | Error::Keyring(_) | Error::HealthListen { .. } => exit::USAGE,
             Error::Verify(_) => exit::DATAERR,
+            // A server that sends more than the cap is hostile data, not an outage.
+            Error::Source(SourceError::TooLarge { .. }) => exit::DATAERR,
             Error::Source(_) | Error::CycleDeadline { .. } => exit::UNAVAILABLE,
             Error::Install(_) => exit::SOFTWARE,
             Error::State(_) | Error::Runtime { .. } | Error::Signals { .. } => exit::IOERR,
@@ -142,6 +144,8 @@ impl SourceError {
 pub enum VerifyError {
     #[error("{url}: malformed cleartext signature: {reason}")]
     CleartextFraming { url: String, reason: String },
+    #[error("{url}: malformed detached signature: {reason}")]
+    DetachedSignature { url: String, reason: String },
     #[error("{url}: not a cleartext-signed message")]
     NotCleartext { url: String },
     #[error("{url}: no valid signature by a pinned key (keyring {keyring}): {details}")]

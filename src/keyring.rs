@@ -136,7 +136,8 @@ impl Keyring {
         now: SystemTime,
     ) -> Result<Verified, VerifyError> {
         let framed = csf::split(input).map_err(|reason| {
-            if input.starts_with(b"-----BEGIN PGP SIGNED MESSAGE-----") {
+            let marker: &[u8] = b"-----BEGIN PGP SIGNED MESSAGE-----";
+            if input.windows(marker.len()).any(|w| w == marker) {
                 VerifyError::CleartextFraming {
                     url: url.to_string(),
                     reason,
@@ -145,6 +146,12 @@ impl Keyring {
                 VerifyError::NotCleartext {
                     url: url.to_string(),
                 }
+            }
+        })?;
+        signatures_only(framed.signature.as_bytes()).map_err(|reason| {
+            VerifyError::CleartextFraming {
+                url: url.to_string(),
+                reason,
             }
         })?;
         let policy = StandardPolicy::new();
@@ -203,6 +210,10 @@ impl Keyring {
         signature: &[u8],
         now: SystemTime,
     ) -> Result<Verified, VerifyError> {
+        detached_framing(signature).map_err(|reason| VerifyError::DetachedSignature {
+            url: format!("{url}.gpg"),
+            reason,
+        })?;
         let policy = StandardPolicy::new();
         let mut helper = Helper::new(&self.certs);
         let result = DetachedVerifierBuilder::from_bytes(signature)
@@ -228,6 +239,56 @@ impl Keyring {
         })?;
         Ok(Verified { text, signer })
     }
+}
+
+/// A detached signature file (Release.gpg) is one armored signature block
+/// or binary packets, and nothing else: no bytes before the armor, none
+/// after it, no second block. apt learned this from CVE-2019-3462's
+/// follow-ups, where data around the signature reached the parser.
+fn detached_framing(signature: &[u8]) -> Result<(), String> {
+    const BEGIN: &[u8] = b"-----BEGIN PGP SIGNATURE-----";
+    const END: &[u8] = b"-----END PGP SIGNATURE-----";
+    if signature.starts_with(BEGIN) {
+        let text = std::str::from_utf8(signature).map_err(|_| "armor is not UTF-8".to_string())?;
+        let begins = text.matches("-----BEGIN ").count();
+        let end = text
+            .find("-----END PGP SIGNATURE-----")
+            .ok_or("armor has no END line")?;
+        let after = &text[end + END.len()..];
+        if begins != 1 || !after.bytes().all(|b| b == b'\n' || b == b'\r') {
+            return Err("data outside the single signature armor block".into());
+        }
+    } else if signature.first().is_none_or(|b| b & 0x80 == 0) {
+        return Err("neither an armored signature nor OpenPGP packets".into());
+    }
+    signatures_only(signature)
+}
+
+/// Every top-level packet is a signature (or an unparsable signature,
+/// which verification then ignores): no literal data, no compressed or
+/// encrypted containers, no one-pass signatures of an inline message.
+fn signatures_only(bytes: &[u8]) -> Result<(), String> {
+    use openpgp::Packet;
+    use openpgp::packet::Tag;
+    let pile =
+        openpgp::PacketPile::from_bytes(bytes).map_err(|e| format!("unparsable signature: {e}"))?;
+    let mut count = 0;
+    for packet in pile.children() {
+        match packet {
+            Packet::Signature(_) => count += 1,
+            Packet::Unknown(unknown) if unknown.tag() == Tag::Signature => count += 1,
+            other => {
+                return Err(format!(
+                    "a {} packet where only signatures may be",
+                    other.tag()
+                ));
+            }
+        }
+    }
+    if count == 0 {
+        return Err("no signature packet".into());
+    }
+    Ok(())
 }
 
 fn cert_problem(cert: &Cert) -> String {
@@ -335,7 +396,11 @@ fn describe_failure(error: &VerificationError) -> String {
             ka.cert().fingerprint()
         ),
         VerificationError::BadSignature { sig, error, .. } => {
-            format!("bad signature by {}: {error}", issuers(sig))
+            format!(
+                "bad signature by {} (hash {}): {error}",
+                issuers(sig),
+                sig.hash_algo()
+            )
         }
         VerificationError::MalformedSignature { sig, error } => {
             format!("malformed signature by {}: {error}", issuers(sig))

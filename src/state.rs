@@ -39,6 +39,13 @@ pub struct AcceptedRelease {
     pub etag: Option<String>,
     /// Which file carried the signature: `InRelease` or `Release`.
     pub file: String,
+    /// Its URL: an ETag is only meaningful for the object it came from.
+    #[serde(default)]
+    pub url: String,
+    /// `agent.packages` when it was accepted; a changed list (a new pin, a
+    /// new package) needs the full repository even if Release is unchanged.
+    #[serde(default)]
+    pub packages: Vec<String>,
     pub signer: String,
     pub accepted_at: DateTime<Utc>,
 }

@@ -99,7 +99,13 @@ pub fn split(input: &[u8]) -> Result<Cleartext<'_>, String> {
                 ));
             }
             Some("") if in_headers => in_headers = false,
-            Some(line) if in_headers && line.contains(": ") => {}
+            Some(line) if in_headers && line.contains(": ") => {
+                // RFC 9580 §6.2.2 armor headers; nothing else may hide here.
+                let key = line.split(": ").next().unwrap_or_default();
+                if !["Version", "Comment", "Hash", "Charset", "MessageID"].contains(&key) {
+                    return Err(format!("unknown armor header {line:?} in the signature"));
+                }
+            }
             Some(line) => {
                 in_headers = false;
                 let body = line.strip_prefix('=').unwrap_or(line);

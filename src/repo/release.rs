@@ -196,6 +196,45 @@ impl Release {
     }
 }
 
+fn check_clock(rules: &Freshness) -> Result<(), Stale> {
+    let skew = chrono::Duration::from_std(rules.clock_skew).unwrap_or(chrono::Duration::MAX);
+    match rules.accepted {
+        Some(accepted) if rules.now + skew < accepted => Err(Stale::ClockBehind { accepted }),
+        _ => Ok(()),
+    }
+}
+
+/// The rules that hold for a Release at every poll, including an unchanged
+/// (304) one: the clock is not behind what we accepted, the Release is not
+/// expired, not from the future, and not older than `max_age` when it has
+/// no Valid-Until. A node whose repository stops being refreshed thus
+/// reports it, instead of running on a frozen view forever.
+pub fn check_times(
+    date: DateTime<Utc>,
+    valid_until: Option<DateTime<Utc>>,
+    rules: &Freshness,
+) -> Result<(), Stale> {
+    let skew = chrono::Duration::from_std(rules.clock_skew).unwrap_or(chrono::Duration::MAX);
+    check_clock(rules)?;
+    if let Some(valid_until) = valid_until
+        && valid_until < rules.now
+    {
+        return Err(Stale::Expired { valid_until });
+    }
+    if date > rules.now + skew {
+        return Err(Stale::FromFuture);
+    }
+    if let Some(max_age) = rules.max_age
+        && valid_until.is_none()
+    {
+        let max_age_chrono = chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
+        if date + max_age_chrono < rules.now {
+            return Err(Stale::TooOld { max_age });
+        }
+    }
+    Ok(())
+}
+
 impl IndexFile {
     /// The by-hash location of this index (`.../by-hash/SHA256/<hex>`),
     /// which never changes under a reader while a new Release is published.

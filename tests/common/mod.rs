@@ -11,6 +11,7 @@
 
 pub mod imds;
 pub mod node;
+pub mod repo;
 
 use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
@@ -698,7 +699,22 @@ impl GpgKey {
         Self::generate_with(uid, "rsa3072")
     }
 
+    /// An ed25519 key created `days` ago (gpg's --faked-system-time), for
+    /// tests that move the agent's clock back.
+    pub fn generate_backdated(uid: &str, days: u64) -> GpgKey {
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs()
+            - days * 86400;
+        Self::generate_full(uid, "ed25519", Some(created))
+    }
+
     fn generate_with(uid: &str, algo: &str) -> GpgKey {
+        Self::generate_full(uid, algo, None)
+    }
+
+    fn generate_full(uid: &str, algo: &str, created: Option<u64>) -> GpgKey {
         // Short path under /tmp: the agent socket lives in GNUPGHOME.
         let dir = fixture_dir("g");
         let home = dir.path().join("h");
@@ -711,8 +727,12 @@ impl GpgKey {
             home,
             _dir: dir,
         };
+        let mut generate = key.gpg();
+        if let Some(created) = created {
+            generate.arg(format!("--faked-system-time={created}!"));
+        }
         run(
-            key.gpg().args([
+            generate.args([
                 "--passphrase",
                 "",
                 "--quick-gen-key",

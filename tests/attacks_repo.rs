@@ -1,0 +1,1018 @@
+//! Hostile repositories: ATTACKS.md "Signatures and parsing", "Freshness
+//! and rollback" and "Integrity and size". Each test is named after its row,
+//! builds the hostile input with real gpg and dpkg-deb, and asserts the
+//! named error, that nothing was installed, and that the last accepted
+//! state did not move.
+//!
+//! The repositories are hand-made in a directory (`file://`) so that every
+//! byte is under the test's control; the agent reads S3 and directories
+//! through the same code after the transport.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use chrono::{Duration, Utc};
+use common::node::{Node, failure};
+use common::repo::{HandRepo, ReleaseFields};
+use common::{DebSpec, GpgKey, build_deb, run, run_with_input};
+use pulldeploy::state::State;
+
+/// A signing key, a repository with `myapp` 1.0 in it (not yet published)
+/// and a node pinned to the key.
+struct Fixture {
+    key: GpgKey,
+    repo: HandRepo,
+    debs: tempfile::TempDir,
+    node: Node,
+}
+
+fn fixture() -> Fixture {
+    fixture_with(&["myapp"], "")
+}
+
+fn fixture_with(packages: &[&str], extra_config: &str) -> Fixture {
+    let key = GpgKey::generate("Acme Repository <repo@acme.test>");
+    let mut repo = HandRepo::new();
+    let debs = tempfile::tempdir().expect("debs tempdir");
+    repo.add_deb(&build_deb(debs.path(), &DebSpec::new("myapp", "1.0")));
+    let node = Node::new(
+        &format!("url = {:?}", repo.url()),
+        &key.public_key,
+        packages,
+        extra_config,
+    );
+    Fixture {
+        key,
+        repo,
+        debs,
+        node,
+    }
+}
+
+impl Fixture {
+    fn add(&mut self, version: &str) -> String {
+        let deb = build_deb(self.debs.path(), &DebSpec::new("myapp", version));
+        self.repo.add_deb(&deb)
+    }
+
+    fn inrelease(&self) -> String {
+        std::fs::read_to_string(self.repo.dists("InRelease")).expect("read InRelease")
+    }
+
+    fn write_inrelease(&self, text: impl AsRef<[u8]>) {
+        std::fs::write(self.repo.dists("InRelease"), text).expect("write InRelease");
+    }
+
+    /// Publishes with default fields and installs 1.0; returns the state.
+    fn accepted(&self) -> State {
+        self.repo.publish(&self.key, &ReleaseFields::default());
+        let out = self.node.once();
+        assert_ok(&out);
+        assert_eq!(self.node.installed("myapp").as_deref(), Some("1.0"));
+        self.node.state()
+    }
+}
+
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "pulldeploy failed: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The three things every rejection must show: the named error (exit code
+/// and the words of its message), nothing installed beyond `installed`,
+/// and the accepted state exactly as `before`.
+fn assert_rejected(
+    node: &Node,
+    out: &Output,
+    code: i32,
+    needle: &str,
+    before: &State,
+    installed: Option<&str>,
+) {
+    let (actual, line) = failure(out);
+    assert_eq!(
+        actual,
+        Some(code),
+        "exit code; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        line.contains(needle),
+        "expected {needle:?} in the error line: {line}"
+    );
+    assert_eq!(
+        node.installed("myapp").as_deref(),
+        installed,
+        "installed version moved"
+    );
+    let after = node.state();
+    assert_eq!(after.release, before.release, "accepted Release moved");
+    assert_eq!(after.installed, before.installed, "installed state moved");
+    assert!(after.last_error.is_some(), "the failure is recorded");
+}
+
+fn fresh() -> State {
+    State {
+        format: pulldeploy::state::FORMAT,
+        ..State::default()
+    }
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+// ---- Signatures and parsing ----------------------------------------------
+
+#[test]
+fn csf_appended_unsigned() {
+    let mut f = fixture();
+    let before = f.accepted();
+    // 1.1 is published, but the attacker serves the old, validly signed
+    // InRelease with an unsigned Release for 1.1 appended (CVE-2013-1051).
+    let old = f.inrelease();
+    f.add("1.1");
+    let new_release = f.repo.publish(&f.key, &ReleaseFields::default());
+    f.write_inrelease(format!("{old}{new_release}"));
+    assert_rejected(
+        &f.node,
+        &f.node.once(),
+        65,
+        "data after -----END PGP SIGNATURE-----",
+        &before,
+        Some("1.0"),
+    );
+}
+
+#[test]
+fn csf_header_junk() {
+    let f = fixture();
+    f.repo.publish(&f.key, &ReleaseFields::default());
+    let good = f.inrelease();
+    let variants = [
+        good.replacen(
+            "-----BEGIN PGP SIGNED MESSAGE-----",
+            "-----BEGIN PGP SIGNED MESSAGE----- junk",
+            1,
+        ),
+        good.replacen("Hash: SHA256", "Suite: production\nHash: SHA256", 1),
+        format!("Suite: production\n{good}"),
+        good.replacen("Hash: SHA256", "Hash: SHA256;rm -rf", 1),
+    ];
+    for variant in variants {
+        f.write_inrelease(&variant);
+        assert_rejected(
+            &f.node,
+            &f.node.once(),
+            65,
+            "malformed cleartext signature",
+            &fresh(),
+            None,
+        );
+    }
+    // And never an "unsigned" fallback: with the junk removed it installs.
+    f.write_inrelease(&good);
+    assert_ok(&f.node.once());
+}
+
+#[test]
+fn csf_dash_escaping() {
+    let f = fixture();
+    // A signed line starting with '-' is dash-escaped by gpg ("- -X") and
+    // must be unescaped before the signature is checked and the text parsed.
+    let fields = ReleaseFields {
+        extra: "-Dashed-Field: signed\n".into(),
+        ..ReleaseFields::default()
+    };
+    f.repo.publish(&f.key, &fields);
+    let good = f.inrelease();
+    assert!(
+        good.contains("\n- -Dashed-Field: signed\n"),
+        "gpg escapes: {good}"
+    );
+    let unescaped_body = good.replacen("\n- -Dashed-Field", "\n-Dashed-Field", 1);
+    let dash_header = good.replacen("Hash: SHA256", "-Hash: SHA256", 1);
+    let sig_start = good
+        .find("-----BEGIN PGP SIGNATURE-----")
+        .expect("signature block");
+    let dash_in_signature = format!(
+        "{}{}",
+        &good[..sig_start],
+        good[sig_start..].replacen("\n\n", "\n\n-", 1)
+    );
+    for variant in [unescaped_body, dash_header, dash_in_signature] {
+        f.write_inrelease(&variant);
+        assert_rejected(&f.node, &f.node.once(), 65, "malformed", &fresh(), None);
+    }
+    f.write_inrelease(&good);
+    assert_ok(&f.node.once());
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+}
+
+#[test]
+fn csf_truncated() {
+    let f = fixture();
+    f.repo.publish(&f.key, &ReleaseFields::default());
+    let good = f.inrelease();
+    let sig_start = good
+        .find("-----BEGIN PGP SIGNATURE-----")
+        .expect("signature block");
+    let no_end = good.replace("-----END PGP SIGNATURE-----\n", "");
+    let no_signature = good[..sig_start].to_string();
+    let cut_mid_armor = good[..sig_start + 60].to_string();
+    for variant in [no_end, no_signature, cut_mid_armor] {
+        f.write_inrelease(&variant);
+        assert_rejected(
+            &f.node,
+            &f.node.once(),
+            65,
+            "malformed cleartext signature",
+            &fresh(),
+            None,
+        );
+    }
+}
+
+#[test]
+fn parse_verified_bytes_only() {
+    let f = fixture();
+    let fields = ReleaseFields::default();
+    f.repo.publish(&f.key, &fields);
+    // The unsigned Release beside InRelease says the repository expired and
+    // belongs to another suite. Were it parsed, the cycle would fail; only
+    // InRelease's signed text may be read.
+    let signed = std::fs::read_to_string(f.repo.dists("Release")).expect("Release");
+    let unsigned = signed.replace("Suite: production", "Suite: evil").replace(
+        "Codename: production",
+        "Codename: evil\nValid-Until: Mon, 01 Jan 2001 00:00:00 UTC",
+    );
+    std::fs::write(f.repo.dists("Release"), unsigned).expect("write Release");
+    let out = f.node.once();
+    assert_ok(&out);
+    let accepted = f.node.state().release.expect("accepted");
+    assert_eq!(accepted.file, "InRelease");
+    assert_eq!(accepted.valid_until, None);
+    assert_eq!(accepted.date.timestamp(), fields.date.timestamp());
+
+    // Armor headers of the signature block are not signed: one that is
+    // not an OpenPGP armor header is refused rather than ignored.
+    let good = f.inrelease();
+    let injected = good.replacen(
+        "-----BEGIN PGP SIGNATURE-----\n",
+        "-----BEGIN PGP SIGNATURE-----\nSuite: evil\n",
+        1,
+    );
+    f.write_inrelease(&injected);
+    let before = f.node.state();
+    assert_rejected(
+        &f.node,
+        &f.node.once(),
+        65,
+        "armor header",
+        &before,
+        Some("1.0"),
+    );
+}
+
+#[test]
+fn detached_sig_payload() {
+    let f = fixture();
+    let release = f.repo.publish(&f.key, &ReleaseFields::default());
+    f.repo.without_inrelease();
+    let good = std::fs::read(f.repo.dists("Release.gpg")).expect("Release.gpg");
+    let literal = run_with_input(
+        f.key.gpg().args(["--store"]),
+        b"Suite: evil\n",
+        "gpg --store",
+    )
+    .stdout;
+    let binary_sig = run_with_input(f.key.gpg().args(["--dearmor"]), &good, "gpg --dearmor").stdout;
+    let armored_literal = run_with_input(
+        f.key.gpg().args(["--store", "--armor"]),
+        b"Suite: evil\n",
+        "gpg --store --armor",
+    )
+    .stdout;
+    let variants: Vec<Vec<u8>> = vec![
+        [b"Suite: evil\n".as_slice(), &good].concat(),
+        [literal.as_slice(), &binary_sig].concat(),
+        [binary_sig.as_slice(), &literal].concat(),
+        [binary_sig.as_slice(), &literal, &binary_sig].concat(),
+        [good.as_slice(), &armored_literal].concat(),
+        [good.as_slice(), b"trailing junk\n"].concat(),
+    ];
+    for variant in variants {
+        std::fs::write(f.repo.dists("Release.gpg"), &variant).expect("write Release.gpg");
+        assert_rejected(&f.node, &f.node.once(), 65, "Release.gpg", &fresh(), None);
+    }
+    // The binary form of the same signature alone is fine.
+    std::fs::write(f.repo.dists("Release.gpg"), &binary_sig).expect("write Release.gpg");
+    assert_ok(&f.node.once());
+    assert_eq!(
+        f.node.state().release.map(|r| r.file).as_deref(),
+        Some("Release")
+    );
+    let _ = release;
+}
+
+#[test]
+fn sig_type_confusion() {
+    let f = fixture();
+    let release = f.repo.publish(&f.key, &ReleaseFields::default());
+    let sign = |args: &[&str]| {
+        run_with_input(
+            f.key
+                .gpg()
+                .args(["--local-user", &f.key.fingerprint])
+                .args(args),
+            release.as_bytes(),
+            "gpg sign",
+        )
+        .stdout
+    };
+    let inline_binary = sign(&["--sign"]);
+    let inline_armored = sign(&["--sign", "--armor"]);
+    let detached = sign(&["--detach-sign", "--armor"]);
+    for variant in [&inline_binary, &inline_armored, &detached] {
+        f.write_inrelease(variant);
+        assert_rejected(
+            &f.node,
+            &f.node.once(),
+            65,
+            "not a cleartext-signed message",
+            &fresh(),
+            None,
+        );
+    }
+    // An inline-signed message as Release.gpg: it carries its own payload.
+    f.repo.without_inrelease();
+    std::fs::write(f.repo.dists("Release.gpg"), &inline_armored).expect("write Release.gpg");
+    assert_rejected(&f.node, &f.node.once(), 65, "Release.gpg", &fresh(), None);
+}
+
+#[test]
+fn sha1_signature() {
+    let f = fixture();
+    let release = f.repo.publish(&f.key, &ReleaseFields::default());
+    let sha1 = run_with_input(
+        f.key.gpg().args([
+            "--digest-algo",
+            "SHA1",
+            "--local-user",
+            &f.key.fingerprint,
+            "--clearsign",
+        ]),
+        release.as_bytes(),
+        "gpg --clearsign SHA1",
+    )
+    .stdout;
+    assert!(String::from_utf8_lossy(&sha1).contains("Hash: SHA1"));
+    f.write_inrelease(&sha1);
+    assert_rejected(&f.node, &f.node.once(), 65, "SHA1", &fresh(), None);
+}
+
+#[test]
+fn revoked_key() {
+    let f = fixture();
+    // The repository is signed while the key is good...
+    f.repo.publish(&f.key, &ReleaseFields::default());
+    // ...then the key is revoked (gpg made the revocation certificate at key
+    // generation), and the node's keyring gets the revoked certificate plus
+    // a good one, as after a key rotation.
+    let revocation = f
+        .key
+        .home
+        .join(format!("openpgp-revocs.d/{}.rev", f.key.fingerprint));
+    let text = std::fs::read_to_string(&revocation).expect("revocation certificate");
+    let armored = text.replace(
+        ":-----BEGIN PGP PUBLIC KEY BLOCK-----",
+        "-----BEGIN PGP PUBLIC KEY BLOCK-----",
+    );
+    run_with_input(
+        f.key.gpg().arg("--import"),
+        armored.as_bytes(),
+        "gpg --import revocation",
+    );
+    let revoked = run(
+        f.key
+            .gpg()
+            .args(["--armor", "--export", &f.key.fingerprint]),
+        "gpg --export",
+    )
+    .stdout;
+    let other = GpgKey::generate("Acme Next <next@acme.test>");
+    let keyring = [
+        revoked.as_slice(),
+        &std::fs::read(&other.public_key).expect("other key"),
+    ]
+    .concat();
+    std::fs::write(&f.key.public_key, keyring).expect("write keyring");
+    let out = f.node.once();
+    assert_rejected(&f.node, &out, 65, "revoked", &fresh(), None);
+    assert!(
+        failure(&out)
+            .1
+            .to_uppercase()
+            .contains(&f.key.fingerprint.to_uppercase())
+    );
+}
+
+#[test]
+fn revoked_signing_subkey() {
+    let key = GpgKey::generate("Acme Subkeys <sub@acme.test>");
+    // A certify-only primary with a signing subkey, as careful publishers use.
+    run(
+        key.gpg().args([
+            "--passphrase",
+            "",
+            "--quick-add-key",
+            &key.fingerprint,
+            "ed25519",
+            "sign",
+            "never",
+        ]),
+        "gpg --quick-add-key",
+    );
+    let mut repo = HandRepo::new();
+    let debs = tempfile::tempdir().expect("tempdir");
+    repo.add_deb(&build_deb(debs.path(), &DebSpec::new("myapp", "1.0")));
+    let release = repo.publish(&key, &ReleaseFields::default());
+    let subkey = String::from_utf8_lossy(
+        &run(key.gpg().args(["--with-colons", "--list-keys"]), "list").stdout,
+    )
+    .lines()
+    .filter(|l| l.starts_with("fpr:"))
+    .nth(1)
+    .and_then(|l| l.split(':').nth(9))
+    .expect("subkey fingerprint")
+    .to_string();
+    // Sign with the subkey explicitly (the '!' suffix), then revoke it.
+    let signed = run_with_input(
+        key.gpg().args([
+            "--passphrase",
+            "",
+            "--digest-algo",
+            "SHA256",
+            "--local-user",
+            &format!("{subkey}!"),
+            "--clearsign",
+        ]),
+        release.as_bytes(),
+        "gpg --clearsign with subkey",
+    )
+    .stdout;
+    std::fs::write(repo.dists("InRelease"), &signed).expect("write InRelease");
+    run_with_input(
+        key.gpg().args([
+            "--passphrase",
+            "",
+            "--command-fd",
+            "0",
+            "--edit-key",
+            &key.fingerprint,
+        ]),
+        b"key 1\nrevkey\ny\n0\n\ny\nsave\n",
+        "gpg revkey",
+    );
+    run(
+        key.gpg().args([
+            "--passphrase",
+            "",
+            "--quick-add-key",
+            &key.fingerprint,
+            "ed25519",
+            "sign",
+            "never",
+        ]),
+        "new subkey",
+    );
+    let public = run(
+        key.gpg().args(["--armor", "--export", &key.fingerprint]),
+        "export",
+    )
+    .stdout;
+    std::fs::write(&key.public_key, public).expect("keyring");
+    let node = Node::new(
+        &format!("url = {:?}", repo.url()),
+        &key.public_key,
+        &["myapp"],
+        "",
+    );
+    assert_rejected(&node, &node.once(), 65, "revoked", &fresh(), None);
+}
+
+#[test]
+fn unpinned_key() {
+    let f = fixture();
+    let intruder = GpgKey::generate("Intruder <intruder@evil.test>");
+    f.repo.publish(&intruder, &ReleaseFields::default());
+    let out = f.node.once();
+    assert_rejected(&f.node, &out, 65, "not in the keyring", &fresh(), None);
+    assert!(
+        failure(&out)
+            .1
+            .to_uppercase()
+            .contains(&intruder.fingerprint.to_uppercase())
+    );
+}
+
+#[test]
+fn extra_bad_signature() {
+    use sequoia_openpgp::parse::Parse;
+    use sequoia_openpgp::serialize::Serialize;
+    let f = fixture();
+    let release = f.repo.publish(&f.key, &ReleaseFields::default());
+    let good = f.inrelease();
+    // Beside the pinned key's good signature: one by an unknown key, and one
+    // by the pinned key over other text (a bad signature).
+    let stranger = GpgKey::generate("Stranger <stranger@elsewhere.test>");
+    let unknown = stranger.detach_sign(release.as_bytes());
+    let wrong_text = f.key.detach_sign(b"some other text\n");
+    let sig_start = good
+        .find("-----BEGIN PGP SIGNATURE-----")
+        .expect("signature block");
+    let mut packets = Vec::new();
+    for armored in [good[sig_start..].as_bytes(), &unknown, &wrong_text] {
+        let pile = sequoia_openpgp::PacketPile::from_bytes(armored).expect("parse signature");
+        for packet in pile.children() {
+            packet.serialize(&mut packets).expect("serialize");
+        }
+    }
+    let mut writer =
+        sequoia_openpgp::armor::Writer::new(Vec::new(), sequoia_openpgp::armor::Kind::Signature)
+            .expect("armor writer");
+    std::io::Write::write_all(&mut writer, &packets).expect("armor");
+    let block = String::from_utf8(writer.finalize().expect("armor")).expect("utf8");
+    f.write_inrelease(format!("{}{block}", &good[..sig_start]));
+    let out = f.node.once();
+    assert_ok(&out);
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    assert_eq!(
+        f.node.state().release.map(|r| r.signer),
+        Some(f.key.fingerprint.to_uppercase())
+    );
+}
+
+#[test]
+fn openpgp_fuzz() {
+    // Deterministic mutations of a real InRelease through the whole
+    // verifier; each must give an error or the exact signed text, never a
+    // panic or a hang. (The coverage-guided version is fuzz/, run by
+    // scripts/test.sh when cargo-fuzz is installed.)
+    let f = fixture();
+    f.repo.publish(&f.key, &ReleaseFields::default());
+    let good = std::fs::read(f.repo.dists("InRelease")).expect("InRelease");
+    let keyring = pulldeploy::keyring::Keyring::load(&f.key.public_key).expect("keyring");
+    let now = std::time::SystemTime::now();
+    let reference = keyring
+        .verify_cleartext("fuzz", &good, now)
+        .expect("good InRelease verifies")
+        .text;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let started = std::time::Instant::now();
+    let mut accepted = 0;
+    for _ in 0..3000 {
+        let mut input = good.clone();
+        for _ in 0..=(next() % 4) {
+            let at = (next() as usize) % input.len().max(1);
+            match next() % 5 {
+                0 => input[at] ^= 1 << (next() % 8),
+                1 => input.truncate(at),
+                2 => input.insert(at, (next() % 256) as u8),
+                3 => {
+                    input.remove(at.min(input.len().saturating_sub(1)));
+                }
+                _ => {
+                    let end = (at + (next() as usize % 64)).min(input.len());
+                    let chunk = input[at..end].to_vec();
+                    input.splice(at..at, chunk);
+                }
+            }
+            if input.is_empty() {
+                break;
+            }
+        }
+        if let Ok(verified) = keyring.verify_cleartext("fuzz", &input, now) {
+            // Only changes the signature does not cover may pass (e.g. the
+            // armor's CRC line); the text must be exactly what was signed.
+            assert_eq!(verified.text, reference);
+            accepted += 1;
+        }
+        let _ = pulldeploy::repo::release::parse(&String::from_utf8_lossy(&input));
+    }
+    assert!(accepted < 3000, "mutations must be rejected");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "too slow: {:?}",
+        started.elapsed()
+    );
+}
+
+// ---- Freshness and rollback ----------------------------------------------
+
+#[test]
+fn valid_until_past() {
+    let f = fixture();
+    let fields = ReleaseFields {
+        date: Utc::now() - Duration::days(8),
+        valid_until: Some(Utc::now() - Duration::days(1)),
+        ..ReleaseFields::default()
+    };
+    f.repo.publish(&f.key, &fields);
+    assert_rejected(&f.node, &f.node.once(), 65, "expired", &fresh(), None);
+}
+
+#[test]
+fn max_age() {
+    let key = GpgKey::generate("Acme Repository <repo@acme.test>");
+    let mut repo = HandRepo::new();
+    let debs = tempfile::tempdir().expect("tempdir");
+    repo.add_deb(&build_deb(debs.path(), &DebSpec::new("myapp", "1.0")));
+    let url = format!("url = {:?}\nmax_age = \"1d\"", repo.url());
+    let node = Node::new(&url, &key.public_key, &["myapp"], "");
+    // No Valid-Until, two days old: a frozen repository.
+    repo.publish(
+        &key,
+        &ReleaseFields {
+            date: Utc::now() - Duration::days(2),
+            ..ReleaseFields::default()
+        },
+    );
+    assert_rejected(&node, &node.once(), 65, "max_age", &fresh(), None);
+    // Re-signed recently: accepted.
+    repo.publish(&key, &ReleaseFields::default());
+    assert_ok(&node.once());
+}
+
+#[test]
+fn date_in_future() {
+    let f = fixture();
+    f.repo.publish(
+        &f.key,
+        &ReleaseFields {
+            date: Utc::now() + Duration::hours(1),
+            ..ReleaseFields::default()
+        },
+    );
+    assert_rejected(&f.node, &f.node.once(), 65, "in the future", &fresh(), None);
+}
+
+#[test]
+fn date_older_than_seen() {
+    let mut f = fixture();
+    let before = f.accepted();
+    // A correctly signed but older Release offering 1.1 (a replay or a
+    // rolled-back mirror) is refused; the newer accepted state stays.
+    f.add("1.1");
+    f.repo.publish(
+        &f.key,
+        &ReleaseFields {
+            date: Utc::now() - Duration::hours(1),
+            ..ReleaseFields::default()
+        },
+    );
+    assert_rejected(
+        &f.node,
+        &f.node.once(),
+        65,
+        "older than the last accepted",
+        &before,
+        Some("1.0"),
+    );
+}
+
+#[test]
+fn app_downgrade() {
+    let key = GpgKey::generate("Acme Repository <repo@acme.test>");
+    let debs = tempfile::tempdir().expect("tempdir");
+    let mut repo = HandRepo::new();
+    repo.add_deb(&build_deb(debs.path(), &DebSpec::new("myapp", "2.0")));
+    let node = Node::new(
+        &format!("url = {:?}", repo.url()),
+        &key.public_key,
+        &["myapp"],
+        "",
+    );
+    repo.publish(
+        &key,
+        &ReleaseFields {
+            date: Utc::now() - Duration::minutes(2),
+            ..ReleaseFields::default()
+        },
+    );
+    assert_ok(&node.once());
+    assert_eq!(node.installed("myapp").as_deref(), Some("2.0"));
+
+    // A newer Release offers only 1.0: no downgrade.
+    let mut older = HandRepo::new();
+    older.add_deb(&build_deb(debs.path(), &DebSpec::new("myapp", "1.0")));
+    let _ = older; // keep a separate pool for 1.0 below
+    let mut repo2 = repo;
+    std::fs::remove_dir_all(repo2.path("pool")).expect("clear pool");
+    let mut fresh_repo = HandRepo::new();
+    std::mem::swap(&mut repo2, &mut fresh_repo);
+    drop(fresh_repo);
+    repo2.add_deb(&debs.path().join("myapp_1.0_amd64.deb"));
+    // repo2 is a new directory: point the node at it by rewriting the config.
+    let config = std::fs::read_to_string(&node.config).expect("config");
+    let old_url = config
+        .lines()
+        .find(|l| l.starts_with("url ="))
+        .expect("url line")
+        .to_string();
+    std::fs::write(
+        &node.config,
+        config.replace(&old_url, &format!("url = {:?}", repo2.url())),
+    )
+    .expect("config");
+    repo2.publish(&key, &ReleaseFields::default());
+    let out = node.once();
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "up to date");
+    assert_eq!(node.installed("myapp").as_deref(), Some("2.0"));
+
+    // Pinned: the operator asks for 1.0, and gets it.
+    let config = std::fs::read_to_string(&node.config).expect("config");
+    std::fs::write(
+        &node.config,
+        config.replace("packages = [\"myapp\"]", "packages = [\"myapp=1.0\"]"),
+    )
+    .expect("config");
+    let out = node.once();
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "installed myapp 1.0");
+    assert_eq!(node.installed("myapp").as_deref(), Some("1.0"));
+}
+
+#[test]
+fn clock_step_back() {
+    let mut f = fixture();
+    // A key that already existed a day ago, so only the Release is "new".
+    f.key = GpgKey::generate_backdated("Acme Repository <repo@acme.test>", 3);
+    std::fs::copy(&f.key.public_key, f.node.dir.path().join("keyring.asc")).expect("keyring");
+    let config = std::fs::read_to_string(&f.node.config).expect("config");
+    let old = config
+        .lines()
+        .find(|l| l.starts_with("keyring ="))
+        .expect("keyring line")
+        .to_string();
+    std::fs::write(
+        &f.node.config,
+        config.replace(&old, "keyring = \"keyring.asc\""),
+    )
+    .expect("config");
+    let before = f.accepted();
+    // The node's clock steps back a day (libfaketime): the last accepted
+    // Date is now in the future. The agent says so and keeps checking.
+    let accepted = before.release.as_ref().expect("accepted").date;
+    let yesterday = (accepted - Duration::days(1))
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string();
+    let mut command = f.node.command(&["once"]);
+    let program = command.get_program().to_owned();
+    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+    let envs: Vec<_> = command
+        .get_envs()
+        .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
+        .collect();
+    let out = Command::new("faketime")
+        .arg(&yesterday)
+        .arg(program)
+        .args(args)
+        .env_clear()
+        .envs(envs)
+        .output()
+        .expect("faketime (apt-get install faketime; scripts/deps.sh does)");
+    assert_rejected(&f.node, &out, 65, "fix the clock", &before, Some("1.0"));
+    // Back on time, the same repository is accepted again.
+    let out = f.node.once();
+    assert_ok(&out);
+    let _ = &mut command;
+}
+
+// ---- Integrity and size --------------------------------------------------
+
+#[test]
+fn index_hash_mismatch() {
+    let key = GpgKey::generate("Acme Repository <repo@acme.test>");
+    let debs = tempfile::tempdir().expect("tempdir");
+    let mut repo = HandRepo::new();
+    repo.add_deb(&build_deb(debs.path(), &DebSpec::new("myapp", "1.0")));
+    repo.add_deb(&build_deb(debs.path(), &DebSpec::new("helper", "1.0")));
+    let node = Node::new(
+        &format!("url = {:?}", repo.url()),
+        &key.public_key,
+        &["myapp", "helper"],
+        "",
+    );
+    repo.publish(&key, &ReleaseFields::default());
+    // The preferred index (xz) no longer matches Release.
+    let xz = repo.dists("main/binary-amd64/Packages.xz");
+    let mut bytes = std::fs::read(&xz).expect("Packages.xz");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&xz, bytes).expect("write Packages.xz");
+    let out = node.once();
+    assert_rejected(&node, &out, 65, "SHA256 mismatch", &fresh(), None);
+    assert!(failure(&out).1.contains("Packages.xz"));
+    assert_eq!(node.installed("helper"), None, "nothing half-applied");
+    assert!(node.cache_files().iter().all(|f| !f.ends_with(".deb")));
+}
+
+#[test]
+fn deb_substituted() {
+    let f = fixture();
+    f.repo.publish(&f.key, &ReleaseFields::default());
+    let pool = f.repo.path("pool/main/myapp_1.0_amd64.deb");
+    let real = std::fs::read(&pool).expect("deb");
+    // Same size, other bytes (a trojaned package of equal length).
+    let mut evil = real.clone();
+    let middle = evil.len() / 2;
+    evil[middle] ^= 0x55;
+    std::fs::write(&pool, &evil).expect("write evil deb");
+    let out = f.node.once();
+    assert_rejected(&f.node, &out, 65, "SHA256 mismatch", &fresh(), None);
+    assert!(
+        f.node
+            .cache_files()
+            .iter()
+            .all(|n| !n.ends_with(".deb") && !n.ends_with(".partial")),
+        "{:?}",
+        f.node.cache_files()
+    );
+    assert!(!f.node.root.dpkg_log().exists(), "dpkg must never have run");
+    // Other size: named as a size mismatch.
+    std::fs::write(&pool, &real[..real.len() - 10]).expect("write short deb");
+    assert_rejected(&f.node, &f.node.once(), 65, "size mismatch", &fresh(), None);
+}
+
+#[test]
+fn endless_data() {
+    // InRelease over its cap.
+    let key = GpgKey::generate("Acme Repository <repo@acme.test>");
+    let debs = tempfile::tempdir().expect("tempdir");
+    let mut repo = HandRepo::new();
+    repo.add_deb(&build_deb(debs.path(), &DebSpec::new("myapp", "1.0")));
+    let url = format!("url = {:?}\nmax_release_bytes = 4096", repo.url());
+    let node = Node::new(&url, &key.public_key, &["myapp"], "");
+    let padding: String = (0..200)
+        .map(|i| format!("X-Padding-{i}: {}\n", "p".repeat(40)))
+        .collect();
+    repo.publish(
+        &key,
+        &ReleaseFields {
+            extra: padding,
+            ..ReleaseFields::default()
+        },
+    );
+    assert_rejected(
+        &node,
+        &node.once(),
+        65,
+        "larger than the limit of 4096 bytes",
+        &fresh(),
+        None,
+    );
+
+    // A .deb longer than its Size: cut off at Size+1, nothing kept.
+    let f = fixture();
+    f.repo.publish(&f.key, &ReleaseFields::default());
+    let pool = f.repo.path("pool/main/myapp_1.0_amd64.deb");
+    let mut longer = std::fs::read(&pool).expect("deb");
+    let size = longer.len();
+    longer.extend(std::iter::repeat_n(0u8, 10 << 20));
+    std::fs::write(&pool, &longer).expect("write long deb");
+    let out = f.node.once();
+    assert_rejected(
+        &f.node,
+        &out,
+        65,
+        &format!("longer than the declared {size} bytes"),
+        &fresh(),
+        None,
+    );
+    assert!(
+        f.node
+            .cache_files()
+            .iter()
+            .all(|n| !n.ends_with(".deb") && !n.ends_with(".partial"))
+    );
+}
+
+#[test]
+fn filename_traversal() {
+    let f = fixture();
+    for evil in [
+        "../../etc/cron.d/evil.deb",
+        "/etc/cron.d/evil.deb",
+        "pool/main/../../../x.deb",
+        "pool/main/x\u{0}.deb",
+    ] {
+        let text = f
+            .repo
+            .packages_text()
+            .replace("pool/main/myapp_1.0_amd64.deb", evil);
+        let lines = f.repo.write_indexes(&text, false);
+        f.repo.write_signed(
+            &f.key,
+            &HandRepo::release_text(&ReleaseFields::default(), &lines),
+        );
+        assert_rejected(
+            &f.node,
+            &f.node.once(),
+            65,
+            "unsafe Filename",
+            &fresh(),
+            None,
+        );
+    }
+}
+
+#[test]
+fn publish_race() {
+    let mut f = fixture();
+    let before = f.accepted();
+    let old_index =
+        std::fs::read(f.repo.dists("main/binary-amd64/Packages.xz")).expect("old index");
+
+    // New InRelease uploaded before its Packages: this cycle fails...
+    f.add("1.1");
+    f.repo.publish(&f.key, &ReleaseFields::default());
+    let new_index =
+        std::fs::read(f.repo.dists("main/binary-amd64/Packages.xz")).expect("new index");
+    std::fs::write(f.repo.dists("main/binary-amd64/Packages.xz"), &old_index)
+        .expect("old index back");
+    assert_rejected(
+        &f.node,
+        &f.node.once(),
+        65,
+        "mismatch",
+        &before,
+        Some("1.0"),
+    );
+    // ...and a later one, once the upload finished, succeeds.
+    std::fs::write(f.repo.dists("main/binary-amd64/Packages.xz"), &new_index).expect("new index");
+    let out = f.node.once();
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "installed myapp 1.1");
+
+    // The reverse (new Packages, old InRelease) fails the same way.
+    let accepted = f.node.state();
+    let old_inrelease = f.inrelease();
+    f.add("1.2");
+    f.repo.write_indexes(&f.repo.packages_text(), false);
+    f.write_inrelease(&old_inrelease);
+    let out = f.node.once();
+    assert!(
+        !out.status.success() || stdout(&out) == "unchanged",
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.1"));
+    assert_eq!(f.node.state().release, accepted.release);
+
+    // With by-hash, a new InRelease whose canonical Packages is still the
+    // old one works at once: the index is fetched by its hash.
+    f.add("1.3");
+    f.repo.publish(
+        &f.key,
+        &ReleaseFields {
+            by_hash: true,
+            ..ReleaseFields::default()
+        },
+    );
+    std::fs::write(f.repo.dists("main/binary-amd64/Packages.xz"), &old_index)
+        .expect("stale canonical index");
+    let out = f.node.once();
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "installed myapp 1.3");
+}
+
+#[test]
+fn freeze_behind_unchanged_polls() {
+    // Not in the list: a mirror that stops updating answers 304 forever.
+    // The accepted Release's Valid-Until still runs out, and polls say so.
+    let f = fixture();
+    f.repo.publish(
+        &f.key,
+        &ReleaseFields {
+            valid_until: Some(Utc::now() + Duration::seconds(2)),
+            ..ReleaseFields::default()
+        },
+    );
+    assert_ok(&f.node.once());
+    let before = f.node.state();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_rejected(&f.node, &f.node.once(), 65, "expired", &before, Some("1.0"));
+}
