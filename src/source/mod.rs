@@ -6,6 +6,7 @@
 //! what is trusted, after [`crate::repo`] has checked them.
 
 pub mod file;
+#[cfg(feature = "s3")]
 pub mod s3;
 
 use std::future::Future;
@@ -52,6 +53,7 @@ pub trait Source: Send + Sync {
 pub async fn from_config(config: &Config) -> Result<Box<dyn Source>, Error> {
     Ok(match &config.repository.url {
         RepoUrl::File(dir) => Box::new(file::FileSource::new(dir.clone())),
+        #[cfg(feature = "s3")]
         RepoUrl::S3 { bucket, prefix } => Box::new(
             s3::S3Source::new(
                 bucket.clone(),
@@ -61,6 +63,14 @@ pub async fn from_config(config: &Config) -> Result<Box<dyn Source>, Error> {
             )
             .await?,
         ),
+        #[cfg(not(feature = "s3"))]
+        RepoUrl::S3 { .. } => {
+            return Err(SourceError::Unavailable {
+                url: config.repository.url.to_string(),
+                message: "built without the s3 feature".into(),
+            }
+            .into());
+        }
     })
 }
 
