@@ -343,7 +343,7 @@ impl Agent {
         if agrees {
             *remembered = stamp;
         } else {
-            info!("installed packages differ from state; fetching the full repository");
+            info!("installed versions differ from state; fetching the full repository");
         }
         agrees
     }
@@ -402,7 +402,16 @@ impl Agent {
         let url = self.source.url(&path);
         let release_etag =
             etag.filter(|_| accepted_file == Some("Release") && accepted_url == Some(url.as_str()));
-        let (release_bytes, release_etag) = match self.source.get(&path, release_etag).await? {
+        let fetched = match self.source.get(&path, release_etag).await {
+            Err(e) if e.is_not_found() => {
+                return Err(SourceError::NotFound {
+                    url: format!("{} (and {url})", self.source.url(&self.dists("InRelease"))),
+                }
+                .into());
+            }
+            other => other?,
+        };
+        let (release_bytes, release_etag) = match fetched {
             Fetched::NotModified => return Ok(None),
             Fetched::Object(object) => (
                 source::read_capped(&url, object.body, limit).await?,
