@@ -30,6 +30,9 @@ use crate::repo::release::{self, Compression, Freshness, IndexFile, Release, Sta
 use crate::source::{self, Fetched, Source};
 use crate::state::{AcceptedRelease, Event, InstalledPackage, Poll, State};
 
+/// How long an unchanged poll may go unrecorded in state.json.
+const UNCHANGED_POLL_PERSIST: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
 pub struct Agent {
     config: Config,
     source: Box<dyn Source>,
@@ -96,6 +99,8 @@ impl Agent {
     pub async fn new(config: Config) -> Result<Agent, Error> {
         let keyring = Keyring::load(&config.repository.keyring)?;
         let architecture = config.architecture()?;
+        crate::state::ensure_dir(&config.agent.state_dir)?;
+        crate::state::ensure_dir(&config.agent.cache_dir)?;
         let source = source::from_config(&config).await?;
         Ok(Agent {
             dpkg: Dpkg::new(&config.install.root),
@@ -139,15 +144,33 @@ impl Agent {
             Ok(Ok(None)) => Ok(Outcome::Unchanged),
             Ok(Ok(Some(plan))) => self.apply(plan, state).await,
         };
-        self.record(state, &result)?;
+        if let Err(e) = self.record(state, &result) {
+            // The cycle's own outcome matters more; say both.
+            warn!(error = %e, "cannot record the cycle in state");
+            if result.is_ok() {
+                return Err(e);
+            }
+        }
         result
     }
 
     /// Writes the poll time and outcome, or the error, to state.json.
+    ///
+    /// An unchanged poll after an unchanged poll is written at most every
+    /// [`UNCHANGED_POLL_PERSIST`]: state.json is replaced with two fsyncs,
+    /// which would otherwise be most of the cost of a 304 poll.
     pub fn record(&self, state: &mut State, result: &Result<Outcome, Error>) -> Result<(), Error> {
         let now = Utc::now();
         match result {
             Ok(outcome) => {
+                let quiet = matches!(outcome, Outcome::Unchanged)
+                    && state.last_poll.as_ref().is_some_and(|p| {
+                        p.outcome == Outcome::Unchanged.to_string()
+                            && now.signed_duration_since(p.at) < UNCHANGED_POLL_PERSIST
+                    });
+                if quiet {
+                    return Ok(());
+                }
                 state.last_poll = Some(Poll {
                     at: now,
                     outcome: outcome.to_string(),
@@ -167,8 +190,6 @@ impl Agent {
     /// Reads and verifies the repository; leaves verified .debs in the
     /// cache. `None` when nothing changed since the last accepted Release.
     pub async fn prepare(&self, state: &State) -> Result<Option<Plan>, Error> {
-        crate::state::ensure_dir(&self.config.agent.state_dir)?;
-        crate::state::ensure_dir(&self.config.agent.cache_dir)?;
         let etag = match self.may_skip_unchanged(state) {
             true => state.release.as_ref().and_then(|r| r.etag.as_deref()),
             false => None,
@@ -186,6 +207,7 @@ impl Agent {
             return Ok(None);
         };
         let release = self.check_release(&signed, state)?;
+        crate::state::ensure_dir(&self.config.agent.cache_dir)?;
 
         let index = release
             .packages_index(&self.config.repository.component, &self.architecture)
