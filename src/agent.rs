@@ -14,21 +14,25 @@ use std::collections::HashMap;
 use std::io::{BufReader, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use chrono::{DateTime, Utc};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::error::{Error, SourceError, VerifyError};
+use crate::error::{Error, InstallError, SourceError, StateError, VerifyError};
+use crate::health::Health;
 use crate::install::Dpkg;
 use crate::keyring::{Keyring, Verified};
+use crate::repo::depends;
 use crate::repo::digest::{Expected, StreamDigest};
 use crate::repo::packages::{self, Candidate, PackagesError, SelectError, Selection};
 use crate::repo::release::{self, Compression, Freshness, IndexFile, Release, Stale};
 use crate::source::{self, Fetched, Source};
-use crate::state::{AcceptedRelease, Event, InstalledPackage, Poll, State};
+use crate::state::{
+    AcceptedRelease, Event, InstalledPackage, Pending, PendingPackage, Poll, State,
+};
 
 /// How long an unchanged poll may go unrecorded in state.json.
 const UNCHANGED_POLL_PERSIST: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
@@ -38,6 +42,7 @@ pub struct Agent {
     source: Box<dyn Source>,
     keyring: Keyring,
     dpkg: Dpkg,
+    health: Arc<Health>,
     architecture: String,
     /// (mtime, size, inode) of dpkg's status file when the installed
     /// versions last matched state; lets an unchanged poll skip parsing it.
@@ -96,7 +101,9 @@ struct SignedRelease {
 }
 
 impl Agent {
-    pub async fn new(config: Config) -> Result<Agent, Error> {
+    /// `health` is shared with the /healthz server: the agent drains it
+    /// around dpkg and probes the app through it.
+    pub async fn new(config: Config, health: Arc<Health>) -> Result<Agent, Error> {
         let keyring = Keyring::load(&config.repository.keyring)?;
         let architecture = config.architecture()?;
         crate::state::ensure_dir(&config.agent.state_dir)?;
@@ -104,6 +111,7 @@ impl Agent {
         let source = source::from_config(&config).await?;
         Ok(Agent {
             dpkg: Dpkg::new(&config.install.root),
+            health,
             config,
             source,
             keyring,
@@ -138,11 +146,15 @@ impl Agent {
     /// disk. The repository half runs under `agent.cycle_timeout`.
     pub async fn cycle(&self, state: &mut State) -> Result<Outcome, Error> {
         let limit = self.config.agent.cycle_timeout;
-        let result = match tokio::time::timeout(limit, self.prepare(state)).await {
-            Err(_elapsed) => Err(Error::CycleDeadline { limit }),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(None)) => Ok(Outcome::Unchanged),
-            Ok(Ok(Some(plan))) => self.apply(plan, state).await,
+        let result = if state.pending.is_some() {
+            self.resume(state).await
+        } else {
+            match tokio::time::timeout(limit, self.prepare(state)).await {
+                Err(_elapsed) => Err(Error::CycleDeadline { limit }),
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(None)) => Ok(Outcome::Unchanged),
+                Ok(Ok(Some(plan))) => self.apply(plan, state).await,
+            }
         };
         if let Err(e) = self.record(state, &result) {
             // The cycle's own outcome matters more; say both.
@@ -220,16 +232,24 @@ impl Agent {
             })?;
         let candidates = self.fetch_candidates(&release, &index).await?;
 
+        let mut candidates = candidates;
+        // Versions that failed before are not tried again; a newer one is.
+        candidates.retain(|c| !state.is_bad(&c.name, &c.version.to_string()));
+
         let installed = self.installed()?;
-        let mut installs = Vec::new();
+        let mut chosen = Vec::new();
         for spec in &self.config.agent.packages {
             let current = installed.get(&spec.name).map(String::as_str);
             let index_url = self.source.url(&self.dists(&index.path));
-            let chosen = match packages::select(&candidates, spec, current) {
+            let candidate = match packages::select(&candidates, spec, current) {
                 Ok(Selection::Install(candidate)) => candidate,
                 Ok(Selection::Current) => continue,
                 Ok(Selection::KeepNewer { installed, offered }) => {
                     warn!(package = %spec.name, %installed, %offered, "repository offers an older version; not downgrading without a pin");
+                    continue;
+                }
+                Err(SelectError::Missing) if state.bad.contains_key(&spec.name) => {
+                    info!(package = %spec.name, "only versions marked bad are published; staying");
                     continue;
                 }
                 Err(SelectError::Missing) => {
@@ -240,9 +260,14 @@ impl Agent {
                     .into());
                 }
                 Err(SelectError::PinnedMissing) => {
+                    let version = spec.pinned.clone().unwrap_or_default();
+                    if state.is_bad(&spec.name, &version) {
+                        warn!(package = %spec.name, %version, "the pinned version is marked bad; staying");
+                        continue;
+                    }
                     return Err(VerifyError::PinnedMissing {
                         package: spec.name.clone(),
-                        version: spec.pinned.clone().unwrap_or_default(),
+                        version,
                         url: index_url,
                     }
                     .into());
@@ -255,13 +280,20 @@ impl Agent {
                     }
                 }
             };
-            let deb = self.fetch_deb(chosen).await?;
+            chosen.push((candidate, current));
+        }
+        self.check_depends(&chosen)?;
+        self.check_space(&chosen)?;
+
+        let mut installs = Vec::new();
+        for (candidate, current) in chosen {
+            let deb = self.fetch_deb(candidate).await?;
             installs.push(PlannedInstall {
-                name: chosen.name.clone(),
+                name: candidate.name.clone(),
                 from: current.map(str::to_string),
-                to: chosen.version.to_string(),
+                to: candidate.version.to_string(),
                 deb,
-                sha256: chosen.expected.sha256.clone(),
+                sha256: candidate.expected.sha256.clone(),
             });
         }
         Ok(Some(Plan {
@@ -279,64 +311,378 @@ impl Agent {
         }))
     }
 
-    /// Installs the plan with dpkg and commits it to state. Not cancellable.
-    pub async fn apply(&self, plan: Plan, state: &mut State) -> Result<Outcome, Error> {
-        let now = Utc::now();
-        let mut outcome = Vec::new();
-        if !plan.installs.is_empty() {
-            let debs: Vec<PathBuf> = plan.installs.iter().map(|p| p.deb.clone()).collect();
-            for p in &plan.installs {
-                info!(package = %p.name, from = p.from.as_deref().unwrap_or("-"), to = %p.to, "installing");
-            }
-            self.dpkg.install(&debs).await?;
+    /// Refuses, before anything is downloaded, a package whose `Depends` are
+    /// neither installed nor part of this plan.
+    fn check_depends(&self, chosen: &[(&Candidate, Option<&str>)]) -> Result<(), Error> {
+        if chosen.iter().all(|(c, _)| c.depends.is_none()) {
+            return Ok(());
         }
+        let mut installed = self.dpkg.installed_all()?;
+        for (candidate, _) in chosen {
+            installed.add(
+                &candidate.name,
+                candidate.version.clone(),
+                candidate.provides.as_deref(),
+            );
+        }
+        for (candidate, _) in chosen {
+            let missing =
+                depends::unmet(candidate.depends.as_deref().unwrap_or_default(), &installed);
+            if !missing.is_empty() {
+                return Err(InstallError::UnmetDepends {
+                    package: candidate.name.clone(),
+                    version: candidate.version.to_string(),
+                    missing,
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks, before downloading, that the cache can hold the .debs and
+    /// the install root their unpacked size (`Installed-Size`).
+    fn check_space(&self, chosen: &[(&Candidate, Option<&str>)]) -> Result<(), Error> {
+        let download: u64 = chosen.iter().map(|(c, _)| c.expected.size).sum();
+        let unpacked: u64 = chosen
+            .iter()
+            .map(|(c, _)| c.installed_size_kib.unwrap_or(0) * 1024)
+            .sum();
+        for (path, needed) in [
+            (&self.config.agent.cache_dir, download),
+            (&self.config.install.root, unpacked),
+        ] {
+            if needed == 0 {
+                continue;
+            }
+            let available = crate::install::free_space(path).map_err(|source| StateError::Dir {
+                path: path.clone(),
+                source,
+            })?;
+            // A margin, so that the node is not left with a full disk.
+            let needed = needed + needed / 10 + (16 << 20);
+            if available < needed {
+                return Err(InstallError::DiskFull {
+                    path: path.clone(),
+                    needed,
+                    available,
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Installs the plan and commits it once healthy, or rolls back. Not
+    /// cancellable: callers await it to the end.
+    pub async fn apply(&self, plan: Plan, state: &mut State) -> Result<Outcome, Error> {
+        if plan.installs.is_empty() {
+            let mut next = state.clone();
+            next.release = Some(plan.release);
+            self.sync_installed(&mut next)?;
+            next.save(&self.config.state_path())?;
+            *state = next;
+            self.remember_status_stamp();
+            return Ok(Outcome::UpToDate);
+        }
+        let now = Utc::now();
+        let pending = Pending {
+            started_at: now,
+            release: plan.release,
+            packages: plan
+                .installs
+                .iter()
+                .map(|p| PendingPackage {
+                    name: p.name.clone(),
+                    from: state
+                        .installed
+                        .get(&p.name)
+                        .filter(|i| Some(&i.version) == p.from.as_ref())
+                        .cloned()
+                        .or_else(|| {
+                            p.from.as_ref().map(|version| InstalledPackage {
+                                version: version.clone(),
+                                sha256: None,
+                                installed_at: None,
+                                deb: None,
+                            })
+                        }),
+                    to: InstalledPackage {
+                        version: p.to.clone(),
+                        sha256: Some(p.sha256.clone()),
+                        installed_at: Some(now),
+                        deb: p.deb.file_name().map(|n| n.to_string_lossy().into_owned()),
+                    },
+                })
+                .collect(),
+        };
+        self.run_pending(pending, state).await
+    }
+
+    /// Finishes an install that an earlier run started and did not commit
+    /// (the agent was killed): the same .debs again, the health gate, then
+    /// commit or roll back.
+    pub async fn resume(&self, state: &mut State) -> Result<Outcome, Error> {
+        let Some(pending) = state.pending.clone() else {
+            return Ok(Outcome::Unchanged);
+        };
+        warn!(started_at = %pending.started_at, "finishing an install interrupted by a restart");
+        self.run_pending(pending, state).await
+    }
+
+    async fn run_pending(&self, pending: Pending, state: &mut State) -> Result<Outcome, Error> {
+        let timeout = self.config.install.lock_timeout;
+        let Some(_lock) = self.dpkg.lock(timeout).await? else {
+            if state.pending.is_some() {
+                // Keep the journal: the install is still owed.
+            }
+            return Err(Error::Deferred {
+                reason: format!(
+                    "another package manager holds dpkg's lock for more than {timeout:?}"
+                ),
+            });
+        };
+        if self.dpkg.needs_recovery()? {
+            warn!("dpkg was interrupted; running dpkg --configure -a first");
+            self.dpkg.recover().await?;
+        }
+
+        // The intent goes to disk before dpkg starts, so a kill at any
+        // point after this is finished by `resume` at the next start.
+        let mut next = state.clone();
+        next.pending = Some(pending.clone());
+        next.save(&self.config.state_path())?;
+        *state = next;
+
+        self.health.set_draining(true);
+        let drain = self.config.health.drain;
+        if !drain.is_zero() {
+            info!(?drain, "draining before dpkg");
+            tokio::time::sleep(drain).await;
+        }
+        let result = match self.install_debs(&pending, |p| Some(&p.to)).await {
+            Ok(()) => self
+                .health_gate()
+                .await
+                .map_err(|reason| format!("did not become healthy: {reason}")),
+            Err(e) => Err(format!("failed to install: {e}")),
+        };
+        let outcome = match result {
+            Ok(()) => self.commit(pending, state),
+            Err(reason) => self.roll_back(pending, reason, state).await,
+        };
+        self.health.set_draining(false);
+        self.remember_status_stamp();
+        outcome
+    }
+
+    /// dpkg -i of the .debs `which` picks from `pending`, each re-verified
+    /// against its recorded SHA256 first; then dpkg must report exactly
+    /// those versions.
+    async fn install_debs(
+        &self,
+        pending: &Pending,
+        which: impl Fn(&PendingPackage) -> Option<&InstalledPackage>,
+    ) -> Result<(), Error> {
+        let mut debs = Vec::new();
+        for package in &pending.packages {
+            let Some(target) = which(package) else {
+                continue;
+            };
+            let (Some(file), Some(sha256)) = (&target.deb, &target.sha256) else {
+                return Err(StateError::Corrupt {
+                    path: self.config.state_path(),
+                    message: format!(
+                        "no cached .deb recorded for {} {}",
+                        package.name, target.version
+                    ),
+                }
+                .into());
+            };
+            let path = self.config.agent.cache_dir.join(file);
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let expected = Expected {
+                sha256: sha256.clone(),
+                size,
+            };
+            if !cached_file_matches(&path, &expected).await {
+                return Err(VerifyError::HashMismatch {
+                    url: path.display().to_string(),
+                    expected: sha256.clone(),
+                    actual: "a different or missing file".into(),
+                }
+                .into());
+            }
+            info!(package = %package.name, version = %target.version, "installing");
+            debs.push(path);
+        }
+        if debs.is_empty() {
+            return Ok(());
+        }
+        self.dpkg.install(&debs).await?;
         let installed = self.installed()?;
-        for p in &plan.installs {
-            let actual = installed.get(&p.name);
-            if actual != Some(&p.to) {
-                return Err(crate::error::InstallError::NotInstalled {
-                    package: p.name.clone(),
-                    expected: p.to.clone(),
+        for package in &pending.packages {
+            let Some(target) = which(package) else {
+                continue;
+            };
+            let actual = installed.get(&package.name);
+            if actual != Some(&target.version) {
+                return Err(InstallError::NotInstalled {
+                    package: package.name.clone(),
+                    expected: target.version.clone(),
                     actual: actual.cloned(),
                 }
                 .into());
             }
-            info!(package = %p.name, from = p.from.as_deref().unwrap_or("-"), to = %p.to, "installed");
-            outcome.push((p.name.clone(), p.from.clone(), p.to.clone()));
         }
+        Ok(())
+    }
 
-        self.prune_cache(&plan);
+    /// Waits for the app to answer healthy (see [`Health::wait_healthy`]).
+    async fn health_gate(&self) -> Result<(), String> {
+        let health = &self.config.health;
+        self.health
+            .wait_healthy(
+                health.healthy_after,
+                health.health_timeout,
+                health.check_interval,
+            )
+            .await
+    }
+
+    fn commit(&self, pending: Pending, state: &mut State) -> Result<Outcome, Error> {
         let mut next = state.clone();
-        next.release = Some(plan.release);
-        next.installed.clear();
-        for (name, version) in &installed {
-            let planned = plan.installs.iter().find(|p| &p.name == name);
-            let previous = state.installed.get(name).filter(|p| &p.version == version);
-            next.installed.insert(
-                name.clone(),
-                match (planned, previous) {
-                    (Some(p), _) => InstalledPackage {
-                        version: version.clone(),
-                        sha256: Some(p.sha256.clone()),
-                        installed_at: Some(now),
-                    },
-                    (None, Some(previous)) => previous.clone(),
-                    (None, None) => InstalledPackage {
-                        version: version.clone(),
-                        sha256: None,
-                        installed_at: None,
-                    },
-                },
-            );
+        let mut installed = Vec::new();
+        for package in &pending.packages {
+            info!(package = %package.name, from = package.from.as_ref().map_or("-", |f| f.version.as_str()), to = %package.to.version, "installed and healthy");
+            if let Some(from) = &package.from {
+                next.last_known_good
+                    .insert(package.name.clone(), from.clone());
+            }
+            next.installed
+                .insert(package.name.clone(), package.to.clone());
+            installed.push((
+                package.name.clone(),
+                package.from.as_ref().map(|f| f.version.clone()),
+                package.to.version.clone(),
+            ));
+            next.push_event(format!(
+                "installed {} {} (was {})",
+                package.name,
+                package.to.version,
+                package.from.as_ref().map_or("-", |f| f.version.as_str())
+            ));
         }
+        next.release = Some(pending.release);
+        next.pending = None;
+        self.sync_installed(&mut next)?;
         next.save(&self.config.state_path())?;
         *state = next;
-        self.remember_status_stamp();
-        Ok(if outcome.is_empty() {
-            Outcome::UpToDate
+        self.prune_cache(state);
+        self.health
+            .update(|s| s.installed = committed_versions(state));
+        Ok(Outcome::Installed(installed))
+    }
+
+    /// Puts the last-known-good versions back, marks the new ones bad, and
+    /// leaves the accepted Release where it was (the next cycle re-reads it
+    /// and skips the bad versions).
+    async fn roll_back(
+        &self,
+        pending: Pending,
+        reason: String,
+        state: &mut State,
+    ) -> Result<Outcome, Error> {
+        let mut next = state.clone();
+        for package in &pending.packages {
+            let bad = next.bad.entry(package.name.clone()).or_default();
+            if !bad.contains(&package.to.version) {
+                bad.push(package.to.version.clone());
+            }
+        }
+        let first = &pending.packages[0];
+        let restorable = pending
+            .packages
+            .iter()
+            .any(|p| p.from.as_ref().is_some_and(|f| f.deb.is_some()));
+        let error = if !restorable {
+            InstallError::NoRollback {
+                package: first.name.clone(),
+                version: first.to.version.clone(),
+                reason: reason.clone(),
+            }
         } else {
-            Outcome::Installed(outcome)
-        })
+            let restored = pending
+                .packages
+                .iter()
+                .filter_map(|p| p.from.as_ref().map(|f| format!("{} {}", p.name, f.version)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            warn!(%reason, %restored, "rolling back");
+            let rollback = match self
+                .install_debs(&pending, |p| p.from.as_ref().filter(|f| f.deb.is_some()))
+                .await
+            {
+                Ok(()) => self.health_gate().await,
+                Err(e) => Err(e.to_string()),
+            };
+            match rollback {
+                Ok(()) => InstallError::RolledBack {
+                    package: first.name.clone(),
+                    version: first.to.version.clone(),
+                    reason: reason.clone(),
+                    restored,
+                },
+                Err(rollback_error) => InstallError::RollbackFailed {
+                    package: first.name.clone(),
+                    version: first.to.version.clone(),
+                    reason: reason.clone(),
+                    restored,
+                    rollback_error,
+                },
+            }
+        };
+        next.pending = None;
+        next.push_event(error.to_string());
+        next.save(&self.config.state_path())?;
+        *state = next;
+        Err(error.into())
+    }
+
+    /// Records dpkg's view of the wanted packages that this agent did not
+    /// install itself (so the 304 shortcut can compare), keeping the entries
+    /// it did install.
+    fn sync_installed(&self, state: &mut State) -> Result<(), Error> {
+        let installed = self.installed()?;
+        for name in self.wanted() {
+            match installed.get(name) {
+                Some(version)
+                    if state
+                        .installed
+                        .get(name)
+                        .is_some_and(|p| &p.version == version) => {}
+                // A version that failed its health gate is not "committed",
+                // even though dpkg has it (there was nothing to roll back to).
+                Some(version) if state.is_bad(name, version) => {
+                    state.installed.remove(name);
+                }
+                Some(version) => {
+                    state.installed.insert(
+                        name.to_string(),
+                        InstalledPackage {
+                            version: version.clone(),
+                            sha256: None,
+                            installed_at: None,
+                            deb: None,
+                        },
+                    );
+                }
+                None => {
+                    state.installed.remove(name);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether a 304 may end the cycle: the accepted Release was read for
@@ -550,7 +896,10 @@ impl Agent {
         let compression = index.compression;
         let parse_url = url.clone();
         let result = tokio::task::spawn_blocking(move || {
-            read_index(&local, compression, limit, &wanted, &arch, &parse_url)
+            let result = read_index(&local, compression, limit, &wanted, &arch, &parse_url);
+            // The index is read once; the cache holds only .debs.
+            let _ = std::fs::remove_file(&local);
+            result
         })
         .await
         .map_err(|e| VerifyError::PackagesParse {
@@ -582,40 +931,36 @@ impl Agent {
         }
     }
 
-    /// Keeps, per package, the .deb just installed and the one it replaced
-    /// (the last known good); removes other .debs and leftover partials.
-    fn prune_cache(&self, plan: &Plan) {
-        let mut keep: Vec<String> = Vec::new();
-        for p in &plan.installs {
-            if let Some(name) = p.deb.file_name() {
-                keep.push(name.to_string_lossy().into_owned());
-            }
-            if let Some(from) = &p.from {
-                keep.push(format!("{}_{}_", p.name, from.replace(':', "%3a")));
-            }
-        }
-        let touched: Vec<String> = plan
-            .installs
-            .iter()
-            .map(|p| format!("{}_", p.name))
+    /// Keeps, per package, the current .deb and the last known good one
+    /// (both named in state) and removes every other file in the cache.
+    fn prune_cache(&self, state: &State) {
+        let keep: Vec<&str> = state
+            .installed
+            .values()
+            .chain(state.last_known_good.values())
+            .filter_map(|p| p.deb.as_deref())
             .collect();
         let Ok(entries) = std::fs::read_dir(&self.config.agent.cache_dir) else {
             return;
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let stale_deb = name.ends_with(".deb")
-                && touched.iter().any(|t| name.starts_with(t))
-                && !keep
-                    .iter()
-                    .any(|k| name == *k || name.starts_with(k.as_str()));
-            if (stale_deb || name.ends_with(".partial"))
+            if !keep.contains(&name.as_str())
                 && let Err(e) = std::fs::remove_file(entry.path())
             {
                 warn!(path = %entry.path().display(), error = %e, "cannot prune cache");
             }
         }
     }
+}
+
+/// Committed versions, for /healthz.
+pub fn committed_versions(state: &State) -> std::collections::BTreeMap<String, String> {
+    state
+        .installed
+        .iter()
+        .map(|(name, p)| (name.clone(), p.version.clone()))
+        .collect()
 }
 
 /// The named error for a Release that failed a freshness rule.

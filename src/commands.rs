@@ -13,7 +13,16 @@ use crate::state::State;
 /// One cycle; prints its outcome on stdout.
 pub async fn once(config: Config) -> Result<(), Error> {
     let mut state = State::load(&config.state_path())?;
-    let agent = Agent::new(config).await?;
+    let health = crate::health::Health::new(
+        config
+            .agent
+            .packages
+            .iter()
+            .map(|p| p.name.clone())
+            .collect(),
+        config.health.check_url.clone(),
+    );
+    let agent = Agent::new(config, health).await?;
     let outcome = agent.cycle(&mut state).await?;
     println!("{outcome}");
     Ok(())

@@ -164,12 +164,24 @@ pub fn valid_package_name(name: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct Install {
     pub root: PathBuf,
+    /// How long to wait for another package manager's dpkg lock before the
+    /// cycle is deferred.
+    pub lock_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct Health {
     pub listen: SocketAddr,
     pub check_url: Option<String>,
+    /// Consecutive 2xx answers of `check_url` that make a new version healthy.
+    pub healthy_after: u32,
+    /// How long a new version has to become healthy before it is rolled back.
+    pub health_timeout: Duration,
+    /// Time between two probes of `check_url` while waiting.
+    pub check_interval: Duration,
+    /// How long `/healthz` answers 503 before dpkg starts, so the load
+    /// balancer stops sending traffic first.
+    pub drain: Duration,
 }
 
 // ---- the file as written ------------------------------------------------
@@ -216,6 +228,7 @@ struct RawAgent {
 #[serde(deny_unknown_fields)]
 struct RawInstall {
     root: Option<PathBuf>,
+    lock_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -223,6 +236,10 @@ struct RawInstall {
 struct RawHealth {
     listen: Option<String>,
     check_url: Option<String>,
+    healthy_after: Option<u32>,
+    health_timeout: Option<String>,
+    check_interval: Option<String>,
+    drain: Option<String>,
 }
 
 /// Collects problems as `key: message` so all are reported at once.
@@ -399,6 +416,48 @@ impl Config {
             problems.check("health.check_url", checked)
         });
 
+        let lock_timeout = problems
+            .check(
+                "install.lock_timeout",
+                duration(
+                    raw.install.lock_timeout.as_deref(),
+                    Duration::from_secs(300),
+                ),
+            )
+            .unwrap_or_default();
+        let healthy_after = raw.health.healthy_after.unwrap_or(3);
+        if healthy_after == 0 {
+            problems
+                .0
+                .push("health.healthy_after: must be at least 1".into());
+        }
+        let health_timeout = problems
+            .check(
+                "health.health_timeout",
+                duration(
+                    raw.health.health_timeout.as_deref(),
+                    Duration::from_secs(60),
+                ),
+            )
+            .unwrap_or_default();
+        let check_interval = problems
+            .check(
+                "health.check_interval",
+                duration(raw.health.check_interval.as_deref(), Duration::from_secs(1)),
+            )
+            .unwrap_or(Duration::from_secs(1));
+        if check_interval.is_zero() {
+            problems
+                .0
+                .push("health.check_interval: must be greater than 0".into());
+        }
+        let drain = problems
+            .check(
+                "health.drain",
+                duration(raw.health.drain.as_deref(), Duration::ZERO),
+            )
+            .unwrap_or_default();
+
         match (url, listen, problems.0.is_empty()) {
             (Some(url), Some(listen), true) => Ok(Config {
                 path: path.to_path_buf(),
@@ -428,8 +487,16 @@ impl Config {
                 },
                 install: Install {
                     root: resolve(raw.install.root.unwrap_or_else(|| "/".into())),
+                    lock_timeout,
                 },
-                health: Health { listen, check_url },
+                health: Health {
+                    listen,
+                    check_url,
+                    healthy_after,
+                    health_timeout,
+                    check_interval,
+                    drain,
+                },
             }),
             _ => Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -511,6 +578,10 @@ packages = ["myapp"]
         assert_eq!(config.health.listen, "0.0.0.0:9100".parse().unwrap());
         assert_eq!(config.repository.clock_skew, Duration::from_secs(300));
         assert_eq!(config.repository.max_age, None);
+        assert_eq!(config.install.lock_timeout, Duration::from_secs(300));
+        assert_eq!(config.health.healthy_after, 3);
+        assert_eq!(config.health.health_timeout, Duration::from_secs(60));
+        assert_eq!(config.health.drain, Duration::ZERO);
     }
 
     #[test]

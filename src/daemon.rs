@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::agent::{Agent, Outcome};
+use crate::agent::{Agent, Outcome, committed_versions};
 use crate::config::Config;
 use crate::error::Error;
 use crate::health::Health;
@@ -64,40 +64,42 @@ async fn cycles(
     let state_path = config.state_path();
     let interval = config.agent.interval;
     let jitter = config.agent.jitter;
-    let agent = Agent::new(config).await?;
+    let agent = Agent::new(config, health.clone()).await?;
     let mut state = State::load(&state_path)?;
-    if let Ok(installed) = agent.installed() {
-        health.update(|s| s.installed = installed.into_iter().collect());
-    }
+    health.update(|s| s.installed = committed_versions(&state));
 
     loop {
-        // The repository half may be cancelled by shutdown; the install half
-        // may not (see the module doc).
         let limit = agent.config().agent.cycle_timeout;
-        let prepared = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            prepared = tokio::time::timeout(limit, agent.prepare(&state)) => prepared,
-        };
-        let result = match prepared {
-            Err(_elapsed) => Err(Error::CycleDeadline { limit }),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(None)) => Ok(Outcome::Unchanged),
-            Ok(Ok(Some(plan))) => agent.apply(plan, &mut state).await,
+        let result = if state.pending.is_some() {
+            // An install interrupted by a restart is finished first, and,
+            // like any started install, not cancelled.
+            agent.resume(&mut state).await
+        } else {
+            // The repository half may be cancelled by shutdown; the install
+            // half may not (see the module doc).
+            let prepared = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                prepared = tokio::time::timeout(limit, agent.prepare(&state)) => prepared,
+            };
+            match prepared {
+                Err(_elapsed) => Err(Error::CycleDeadline { limit }),
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(None)) => Ok(Outcome::Unchanged),
+                Ok(Ok(Some(plan))) => agent.apply(plan, &mut state).await,
+            }
         };
         match &result {
             Ok(Outcome::Unchanged) => {}
             Ok(outcome) => info!(%outcome, "cycle done"),
+            Err(e @ Error::Deferred { .. }) => info!(reason = %e, "cycle deferred"),
             Err(e) => error!(error = %e, "cycle failed"),
         }
         if let Err(e) = agent.record(&mut state, &result) {
             error!(error = %e, "cannot record the cycle in state");
         }
-        let installed = agent.installed().ok();
         health.update(|s| {
-            if let Some(installed) = installed {
-                s.installed = installed.into_iter().collect();
-            }
+            s.installed = committed_versions(&state);
             s.last_poll = state
                 .last_poll
                 .as_ref()

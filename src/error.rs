@@ -20,6 +20,8 @@ pub mod exit {
     pub const SOFTWARE: u8 = 70;
     /// EX_IOERR: a local file (state, cache) could not be read or written.
     pub const IOERR: u8 = 74;
+    /// EX_TEMPFAIL: deferred (another package manager holds the lock).
+    pub const TEMPFAIL: u8 = 75;
 }
 
 /// Everything a cycle or a command can fail with.
@@ -41,6 +43,8 @@ pub enum Error {
         "cycle deadline of {limit:?} passed before the repository was read; retried next cycle"
     )]
     CycleDeadline { limit: std::time::Duration },
+    #[error("deferred: {reason}; retried next cycle")]
+    Deferred { reason: String },
     #[error("cannot start the async runtime: {source}")]
     Runtime { source: std::io::Error },
     #[error("cannot install signal handlers: {source}")]
@@ -62,6 +66,7 @@ impl Error {
             Error::Source(SourceError::TooLarge { .. }) => exit::DATAERR,
             Error::Source(_) | Error::CycleDeadline { .. } => exit::UNAVAILABLE,
             Error::Install(_) => exit::SOFTWARE,
+            Error::Deferred { .. } => exit::TEMPFAIL,
             Error::State(_) | Error::Runtime { .. } | Error::Signals { .. } => exit::IOERR,
         }
     }
@@ -245,6 +250,44 @@ pub enum InstallError {
     Status {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("cannot take dpkg's lock {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{package} {version}: unmet dependencies, not installed: {}", missing.join(", "))]
+    UnmetDepends {
+        package: String,
+        version: String,
+        missing: Vec<String>,
+    },
+    #[error("not enough space in {path}: {needed} bytes needed, {available} available")]
+    DiskFull {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+    #[error("{package} {version} {reason}; rolled back to {restored}")]
+    RolledBack {
+        package: String,
+        version: String,
+        reason: String,
+        restored: String,
+    },
+    #[error("{package} {version} {reason}; no earlier version to roll back to")]
+    NoRollback {
+        package: String,
+        version: String,
+        reason: String,
+    },
+    #[error("{package} {version} {reason}; rollback to {restored} failed too: {rollback_error}")]
+    RollbackFailed {
+        package: String,
+        version: String,
+        reason: String,
+        restored: String,
+        rollback_error: String,
     },
     #[error("after dpkg, {package} is {actual:?}, expected {expected}")]
     NotInstalled {

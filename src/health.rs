@@ -20,7 +20,8 @@ use tokio::sync::watch;
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Snapshot {
     pub wanted: Vec<String>,
-    /// Installed versions of the wanted packages, as dpkg reports them.
+    /// Committed versions of the wanted packages: installed and found
+    /// healthy. A node that never had a healthy version has none.
     pub installed: BTreeMap<String, String>,
     pub last_poll: Option<String>,
     pub last_error: Option<String>,
@@ -36,6 +37,9 @@ struct Report<'a> {
 
 pub struct Health {
     snapshot: RwLock<Snapshot>,
+    /// Set around dpkg: /healthz answers 503 so the load balancer drains
+    /// the node, and 200 again only after the new version is healthy.
+    draining: std::sync::atomic::AtomicBool,
     check_url: Option<String>,
     client: reqwest::Client,
 }
@@ -50,6 +54,7 @@ impl Health {
                 wanted,
                 ..Snapshot::default()
             }),
+            draining: std::sync::atomic::AtomicBool::new(false),
             check_url,
             client: reqwest::Client::new(),
         })
@@ -70,9 +75,74 @@ impl Health {
             .clone()
     }
 
-    /// Decides readiness now: packages first, then the app probe.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining
+            .store(draining, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// One probe of `check_url`: `Ok` on 2xx within [`PROBE_TIMEOUT`].
+    /// Without a `check_url` the app counts as healthy once installed.
+    pub async fn probe(&self) -> Result<String, String> {
+        let Some(url) = &self.check_url else {
+            return Ok("no check_url configured".into());
+        };
+        match self.client.get(url).timeout(PROBE_TIMEOUT).send().await {
+            Ok(response) if response.status().is_success() => {
+                Ok(format!("{url} answered {}", response.status()))
+            }
+            Ok(response) => Err(format!("{url} answered {}", response.status())),
+            Err(e) => Err(format!("{url} unreachable: {e}")),
+        }
+    }
+
+    /// The health gate after an install: `healthy_after` consecutive good
+    /// probes, `interval` apart, within `timeout`. Says what the last probe
+    /// saw when it gives up.
+    pub async fn wait_healthy(
+        &self,
+        healthy_after: u32,
+        timeout: Duration,
+        interval: Duration,
+    ) -> Result<(), String> {
+        if self.check_url.is_none() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut in_a_row = 0;
+        loop {
+            match self.probe().await {
+                Ok(_) => {
+                    in_a_row += 1;
+                    if in_a_row >= healthy_after {
+                        return Ok(());
+                    }
+                }
+                Err(last) => {
+                    in_a_row = 0;
+                    if tokio::time::Instant::now() + interval > deadline {
+                        return Err(format!("within {timeout:?} (last probe: {last})"));
+                    }
+                }
+            }
+            if tokio::time::Instant::now() + interval > deadline {
+                return Err(format!(
+                    "within {timeout:?} ({in_a_row} of {healthy_after} good probes)"
+                ));
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
+
+    /// Decides readiness now: draining, packages, then the app probe.
     pub async fn evaluate(&self) -> (bool, String, Snapshot) {
         let snapshot = self.snapshot();
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return (
+                false,
+                "draining: an update is being installed".into(),
+                snapshot,
+            );
+        }
         let missing: Vec<&str> = snapshot
             .wanted
             .iter()

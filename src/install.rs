@@ -7,10 +7,13 @@
 //! maintainer scripts run without chroot.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use crate::error::InstallError;
+use crate::repo::depends;
 
 pub struct Dpkg {
     root: PathBuf,
@@ -68,9 +71,8 @@ impl Dpkg {
         Ok(versions)
     }
 
-    /// `dpkg -i` of all `debs` in one transaction. Never cancelled by the
-    /// caller's shutdown: the future is awaited to the end.
-    pub async fn install(&self, debs: &[PathBuf]) -> Result<(), InstallError> {
+    /// dpkg with the root, log and non-interactive settings.
+    fn dpkg(&self) -> tokio::process::Command {
         let mut command = tokio::process::Command::new("dpkg");
         if self.is_sandbox() {
             command
@@ -83,13 +85,22 @@ impl Dpkg {
                 .arg("--force-script-chrootless");
         }
         command
-            .args(["--force-confold", "--force-confdef", "--install"])
-            .args(debs)
+            .args(["--force-confold", "--force-confdef"])
             .env("DEBIAN_FRONTEND", "noninteractive")
+            // We hold the frontend lock ourselves (see `lock`), as apt does.
+            .env("DPKG_FRONTEND_LOCKED", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(false);
+        command
+    }
+
+    async fn run(
+        &self,
+        mut command: tokio::process::Command,
+        what: String,
+    ) -> Result<(), InstallError> {
         let output = command
             .output()
             .await
@@ -99,16 +110,175 @@ impl Dpkg {
             })?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
+            let last = stderr
+                .trim()
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty() && !l.starts_with("Errors were encountered"))
+                .unwrap_or_default();
             return Err(InstallError::Dpkg {
-                packages: debs
-                    .iter()
-                    .map(|d| d.file_name().unwrap_or_default().to_string_lossy())
-                    .collect::<Vec<_>>()
-                    .join(" "),
+                packages: what,
                 status: output.status.to_string(),
-                stderr: stderr.trim().lines().last().unwrap_or_default().to_string(),
+                stderr: last.trim().to_string(),
             });
         }
         Ok(())
     }
+
+    /// `dpkg -i` of all `debs` in one transaction. The caller holds the
+    /// frontend lock. Never cancelled by the caller's shutdown: the future
+    /// is awaited to the end.
+    pub async fn install(&self, debs: &[PathBuf]) -> Result<(), InstallError> {
+        let mut command = self.dpkg();
+        command.arg("--install").args(debs);
+        let names = debs
+            .iter()
+            .map(|d| d.file_name().unwrap_or_default().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ");
+        self.run(command, names).await
+    }
+
+    /// True when an earlier dpkg run was interrupted: its journal
+    /// (`updates/`) has entries, or a package is left half-way.
+    pub fn needs_recovery(&self) -> Result<bool, InstallError> {
+        let updates = self.root.join("var/lib/dpkg/updates");
+        if let Ok(entries) = std::fs::read_dir(&updates)
+            && entries.flatten().any(|e| e.file_name() != "tmp.i")
+        {
+            return Ok(true);
+        }
+        let path = self.status_path();
+        let Ok(file) = std::fs::File::open(&path) else {
+            return Ok(false);
+        };
+        for paragraph in
+            deb822_fast::Deb822::iter_paragraphs_from_reader(std::io::BufReader::new(file))
+        {
+            let paragraph = paragraph.map_err(|e| status_error(&path, e))?;
+            let state = paragraph
+                .get("Status")
+                .and_then(|s| s.split_whitespace().nth(2));
+            if matches!(
+                state,
+                Some(
+                    "half-installed"
+                        | "unpacked"
+                        | "half-configured"
+                        | "triggers-awaited"
+                        | "triggers-pending"
+                )
+            ) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Completes an interrupted dpkg run: `dpkg --configure -a`.
+    pub async fn recover(&self) -> Result<(), InstallError> {
+        let mut command = self.dpkg();
+        command.args(["--configure", "--pending"]);
+        self.run(command, "--configure -a (recovery)".into()).await
+    }
+
+    /// Everything installed, with versions and Provides, for `Depends`.
+    pub fn installed_all(&self) -> Result<depends::Installed, InstallError> {
+        let path = self.status_path();
+        let mut installed = depends::Installed::default();
+        let file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(installed),
+            Err(source) => return Err(InstallError::Status { path, source }),
+        };
+        for paragraph in
+            deb822_fast::Deb822::iter_paragraphs_from_reader(std::io::BufReader::new(file))
+        {
+            let paragraph = paragraph.map_err(|e| status_error(&path, e))?;
+            let (Some(name), Some(status), Some(version)) = (
+                paragraph.get("Package"),
+                paragraph.get("Status"),
+                paragraph.get("Version"),
+            ) else {
+                continue;
+            };
+            if !status.ends_with(" installed") {
+                continue;
+            }
+            if let Ok(version) = version.parse() {
+                installed.add(name, version, paragraph.get("Provides"));
+            }
+        }
+        Ok(installed)
+    }
+
+    /// Waits up to `timeout` for dpkg's frontend lock, as apt does, so that
+    /// another apt, dpkg or unattended-upgrades run finishes undisturbed.
+    /// `None` when it is still held after `timeout`: the caller defers.
+    pub async fn lock(&self, timeout: Duration) -> Result<Option<FrontendLock>, InstallError> {
+        let path = self.root.join("var/lib/dpkg/lock-frontend");
+        let started = Instant::now();
+        loop {
+            match FrontendLock::try_acquire(&path) {
+                Ok(Some(lock)) => return Ok(Some(lock)),
+                Ok(None) if started.elapsed() >= timeout => return Ok(None),
+                Ok(None) => tokio::time::sleep(Duration::from_millis(250)).await,
+                Err(source) => return Err(InstallError::Lock { path, source }),
+            }
+        }
+    }
+}
+
+fn status_error(path: &Path, e: deb822_fast::Error) -> InstallError {
+    InstallError::Status {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+    }
+}
+
+/// dpkg's frontend lock (`lock-frontend`), an fcntl write lock held for as
+/// long as this value lives. dpkg itself is told (DPKG_FRONTEND_LOCKED) that
+/// its frontend holds it.
+pub struct FrontendLock {
+    _file: std::fs::File,
+}
+
+impl FrontendLock {
+    fn try_acquire(path: &Path) -> std::io::Result<Option<FrontendLock>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o640)
+            .open(path)?;
+        // SAFETY: `flock` is plain data, zeroed then filled; the fd is open
+        // for the duration of the call.
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_WRLCK as libc::c_short;
+        lock.l_whence = libc::SEEK_SET as libc::c_short;
+        let result = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) };
+        if result == 0 {
+            return Ok(Some(FrontendLock { _file: file }));
+        }
+        let error = std::io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::EACCES | libc::EAGAIN) => Ok(None),
+            _ => Err(error),
+        }
+    }
+}
+
+/// Bytes available to unprivileged users on the filesystem holding `path`.
+pub fn free_space(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
+    // SAFETY: statvfs fills the zeroed struct; c_path is a valid C string.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }

@@ -23,10 +23,45 @@ pub struct State {
     /// The last Release accepted in full (verified and every step after it
     /// succeeded). Moves only forward.
     pub release: Option<AcceptedRelease>,
-    /// Packages this agent installed, by name.
+    /// The committed version of each package: installed and found healthy.
     pub installed: BTreeMap<String, InstalledPackage>,
+    /// Per package, the healthy version before the current one: what a sick
+    /// upgrade is rolled back to. Its .deb stays in the cache.
+    #[serde(default)]
+    pub last_known_good: BTreeMap<String, InstalledPackage>,
+    /// Versions that failed to install or to become healthy, per package;
+    /// they are not tried again (a newer version is).
+    #[serde(default)]
+    pub bad: BTreeMap<String, Vec<String>>,
+    /// An install that started and was neither committed nor rolled back
+    /// (the agent was killed): finished first at the next start.
+    #[serde(default)]
+    pub pending: Option<Pending>,
     pub last_poll: Option<Poll>,
     pub last_error: Option<Event>,
+    /// The latest installs, rollbacks and failures, oldest first.
+    #[serde(default)]
+    pub events: Vec<Event>,
+}
+
+/// How many events state.json keeps.
+pub const EVENTS_KEPT: usize = 20;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pending {
+    pub started_at: DateTime<Utc>,
+    pub release: AcceptedRelease,
+    pub packages: Vec<PendingPackage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingPackage {
+    pub name: String,
+    /// The committed version before this install, if any.
+    pub from: Option<InstalledPackage>,
+    pub to: InstalledPackage,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +93,9 @@ pub struct InstalledPackage {
     /// found installed (by hand, or newer than the repository offers).
     pub sha256: Option<String>,
     pub installed_at: Option<DateTime<Utc>>,
+    /// The verified .deb in the cache directory, kept for rollback.
+    #[serde(default)]
+    pub deb: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,6 +141,23 @@ impl State {
             });
         }
         Ok(state)
+    }
+
+    /// Appends an event, keeping the latest [`EVENTS_KEPT`].
+    pub fn push_event(&mut self, message: String) {
+        self.events.push(Event {
+            at: Utc::now(),
+            message,
+        });
+        let excess = self.events.len().saturating_sub(EVENTS_KEPT);
+        self.events.drain(..excess);
+    }
+
+    /// True when `version` of `package` failed before.
+    pub fn is_bad(&self, package: &str, version: &str) -> bool {
+        self.bad
+            .get(package)
+            .is_some_and(|v| v.iter().any(|b| b == version))
     }
 
     /// Replaces `path` atomically with this state.
@@ -169,6 +224,7 @@ mod tests {
                 version: "1.0".into(),
                 sha256: Some("00".into()),
                 installed_at: Some(Utc::now()),
+                deb: None,
             },
         );
         state.save(&path).unwrap();

@@ -537,7 +537,7 @@ fn extra_bad_signature() {
         .find("-----BEGIN PGP SIGNATURE-----")
         .expect("signature block");
     let mut packets = Vec::new();
-    for armored in [good[sig_start..].as_bytes(), &unknown, &wrong_text] {
+    for armored in [&good.as_bytes()[sig_start..], &unknown, &wrong_text] {
         let pile = sequoia_openpgp::PacketPile::from_bytes(armored).expect("parse signature");
         for packet in pile.children() {
             packet.serialize(&mut packets).expect("serialize");

@@ -339,17 +339,27 @@ fn daemon_serves_healthz_upgrades_and_finishes_install_on_sigterm() {
         .trim()
         .to_string();
 
-    wait_for("installed package=myapp", Duration::from_secs(20));
-    // Installed, but the app says it is sick: not ready.
+    // Not installed yet, or the app not healthy yet: not ready.
     let (status, body) = get(&addr, "/healthz");
     assert_eq!(status, 503, "{body}");
+    app.healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_for(
+        "installed and healthy package=myapp",
+        Duration::from_secs(20),
+    );
+    let (status, body) = get(&addr, "/healthz");
+    assert_eq!(status, 200, "{body}");
     assert!(
         body.contains(&app.url) && body.contains("\"myapp\": \"1.0\""),
         "{body}"
     );
-    app.healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    // The app turns sick: the node leaves the load balancer.
+    app.healthy
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     let (status, body) = get(&addr, "/healthz");
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(status, 503, "{body}");
+    app.healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(get(&addr, "/healthz").0, 200);
     assert_eq!(get(&addr, "/other").0, 404);
 
     // A new version whose postinst takes a while; SIGTERM lands mid-dpkg.

@@ -5,8 +5,10 @@
 //! - [`release`]: the verified Release text, its index entries and freshness.
 //! - [`packages`]: the Packages index, candidate selection by version.
 //! - [`digest`]: streaming SHA256 and size checks with a hard cap.
+//! - [`depends`]: `Depends` checked against what is installed, before dpkg.
 
 pub mod csf;
+pub mod depends;
 pub mod digest;
 pub mod packages;
 pub mod release;

@@ -21,6 +21,9 @@ pub struct Candidate {
     pub filename: String,
     pub expected: Expected,
     pub depends: Option<String>,
+    pub provides: Option<String>,
+    /// `Installed-Size`, in KiB, when the index gives it.
+    pub installed_size_kib: Option<u64>,
 }
 
 impl Candidate {
@@ -104,6 +107,10 @@ pub fn read_candidates<R: BufRead>(
                 size,
             },
             depends: paragraph.get("Depends").map(str::to_string),
+            provides: paragraph.get("Provides").map(str::to_string),
+            installed_size_kib: paragraph
+                .get("Installed-Size")
+                .and_then(|s| s.trim().parse().ok()),
         });
     }
     Ok(candidates)
