@@ -43,18 +43,36 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
         config.repository.url, config.repository.suite
     );
     for spec in &config.agent.packages {
-        match state.installed.get(&spec.name) {
+        let current = match state.installed.get(&spec.name) {
             Some(p) => {
                 let when = p
                     .installed_at
                     .map(|t| format!(" (installed {})", t.to_rfc3339()))
                     .unwrap_or_default();
-                let _ = writeln!(out, "{}: {}{when}", spec.name, p.version);
+                format!("{}{when}", p.version)
             }
-            None => {
-                let _ = writeln!(out, "{}: not installed", spec.name);
-            }
+            None => "not installed".into(),
+        };
+        let _ = writeln!(out, "{}: {current}", spec.name);
+        if let Some(good) = state.last_known_good.get(&spec.name) {
+            let _ = writeln!(out, "  last known good: {}", good.version);
         }
+        if let Some(bad) = state.bad.get(&spec.name).filter(|b| !b.is_empty()) {
+            let _ = writeln!(out, "  bad (not retried): {}", bad.join(", "));
+        }
+    }
+    if let Some(pending) = &state.pending {
+        let names: Vec<String> = pending
+            .packages
+            .iter()
+            .map(|p| format!("{} {}", p.name, p.to.version))
+            .collect();
+        let _ = writeln!(
+            out,
+            "pending install (finished at the next start): {} since {}",
+            names.join(", "),
+            pending.started_at.to_rfc3339()
+        );
     }
     match &state.release {
         Some(r) => {
@@ -80,6 +98,12 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
     }
     if let Some(e) = &state.last_error {
         let _ = writeln!(out, "last error: {} {}", e.at.to_rfc3339(), e.message);
+    }
+    if !state.events.is_empty() {
+        let _ = writeln!(out, "events (newest first):");
+        for event in state.events.iter().rev().take(10) {
+            let _ = writeln!(out, "  {} {}", event.at.to_rfc3339(), event.message);
+        }
     }
     Ok(())
 }
