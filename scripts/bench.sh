@@ -549,11 +549,11 @@ for i in $(seq "$runs"); do
   pid=$run_pid
   done_=0
   for _ in $(seq 3000); do  # up to 300 s
-    if grep -q 'installed package=bigapp' "$node/run.log"; then done_=1; break; fi
+    if grep -q 'installed and healthy package=bigapp' "$node/run.log"; then done_=1; break; fi
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
   done
-  if ((!done_)); then cat "$node/run.log" >&2; die "pulldeploy run did not log 'installed package=bigapp'"; fi
+  if ((!done_)); then cat "$node/run.log" >&2; die "pulldeploy run did not log 'installed and healthy package=bigapp'"; fi
   g_us+=("$(us_since "$t0")")
   g_hwm+=("$(proc_kib "$pid" VmHWM)")
   g_rss+=("$(proc_kib "$pid" VmRSS)")

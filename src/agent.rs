@@ -34,6 +34,15 @@ use crate::state::{
     AcceptedRelease, Event, InstalledPackage, Pending, PendingPackage, Poll, State,
 };
 
+/// Whether the cached .debs handed to dpkg must be hashed again: not when
+/// this process streamed and checked them moments ago, always when they
+/// come from an earlier run (resume, rollback).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DebCheck {
+    JustNow,
+    Again,
+}
+
 /// How long an unchanged poll may go unrecorded in state.json.
 const UNCHANGED_POLL_PERSIST: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
@@ -416,7 +425,7 @@ impl Agent {
                 })
                 .collect(),
         };
-        self.run_pending(pending, state).await
+        self.run_pending(pending, state, DebCheck::JustNow).await
     }
 
     /// Finishes an install that an earlier run started and did not commit
@@ -427,15 +436,18 @@ impl Agent {
             return Ok(Outcome::Unchanged);
         };
         warn!(started_at = %pending.started_at, "finishing an install interrupted by a restart");
-        self.run_pending(pending, state).await
+        self.run_pending(pending, state, DebCheck::Again).await
     }
 
-    async fn run_pending(&self, pending: Pending, state: &mut State) -> Result<Outcome, Error> {
+    async fn run_pending(
+        &self,
+        pending: Pending,
+        state: &mut State,
+        debs: DebCheck,
+    ) -> Result<Outcome, Error> {
         let timeout = self.config.install.lock_timeout;
         let Some(_lock) = self.dpkg.lock(timeout).await? else {
-            if state.pending.is_some() {
-                // Keep the journal: the install is still owed.
-            }
+            // A pending install stays journalled in state: it is still owed.
             return Err(Error::Deferred {
                 reason: format!(
                     "another package manager holds dpkg's lock for more than {timeout:?}"
@@ -460,7 +472,7 @@ impl Agent {
             info!(?drain, "draining before dpkg");
             tokio::time::sleep(drain).await;
         }
-        let result = match self.install_debs(&pending, |p| Some(&p.to)).await {
+        let result = match self.install_debs(&pending, |p| Some(&p.to), debs).await {
             Ok(()) => self
                 .health_gate()
                 .await
@@ -483,6 +495,7 @@ impl Agent {
         &self,
         pending: &Pending,
         which: impl Fn(&PendingPackage) -> Option<&InstalledPackage>,
+        verified: DebCheck,
     ) -> Result<(), Error> {
         let mut debs = Vec::new();
         for package in &pending.packages {
@@ -505,7 +518,7 @@ impl Agent {
                 sha256: sha256.clone(),
                 size,
             };
-            if !cached_file_matches(&path, &expected).await {
+            if verified == DebCheck::Again && !cached_file_matches(&path, &expected).await {
                 return Err(VerifyError::HashMismatch {
                     url: path.display().to_string(),
                     expected: sha256.clone(),
@@ -620,7 +633,11 @@ impl Agent {
                 .join(", ");
             warn!(%reason, %restored, "rolling back");
             let rollback = match self
-                .install_debs(&pending, |p| p.from.as_ref().filter(|f| f.deb.is_some()))
+                .install_debs(
+                    &pending,
+                    |p| p.from.as_ref().filter(|f| f.deb.is_some()),
+                    DebCheck::Again,
+                )
                 .await
             {
                 Ok(()) => self.health_gate().await,

@@ -104,7 +104,7 @@ pub async fn read_capped(url: &str, mut body: Body, limit: u64) -> Result<Vec<u8
 /// Streams `body` into `dest`, checking size and SHA256 against `expected`
 /// while it streams. The bytes land in `dest` only when they all match:
 /// they are written to `dest.partial`, which is removed on any failure,
-/// then fsynced and renamed. Reading stops at `expected.size + 1` bytes.
+/// then renamed. Reading stops at `expected.size + 1` bytes.
 pub async fn download_verified(
     url: &str,
     body: Body,
@@ -164,7 +164,9 @@ async fn stream_to(
         file.write_all(&chunk[..n]).await.map_err(write_error)?;
     }
     digest.verify(expected).map_err(|m| mismatch(url, m))?;
-    file.sync_all().await.map_err(write_error)?;
+    // No fsync: a cached file is hashed again before any later use (reuse,
+    // resume, rollback), so a torn write after a crash is caught there.
+    file.flush().await.map_err(write_error)?;
     Ok(())
 }
 
