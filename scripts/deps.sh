@@ -25,3 +25,10 @@ if ! command -v moto_server >/dev/null 2>&1; then
   python3 -m pip install -q "moto[server]" 2>/dev/null \
     || python3 -m pip install -q --break-system-packages "moto[server]"
 fi
+
+# A SigV4-checking S3 server (tests/attacks_s3.rs, sigv4_from_imds); 0.17
+# needs a newer rustc than rust-version.
+if ! command -v s3s-fs >/dev/null 2>&1; then
+  echo "deps: installing s3s-fs (about 2 minutes)"
+  cargo install s3s-fs@0.14.1 --features binary --locked
+fi

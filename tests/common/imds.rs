@@ -1,18 +1,31 @@
-//! A small EC2 instance metadata service (IMDSv2) for tests.
+//! A small EC2 instance metadata service (IMDSv2) for tests, with faults.
 //!
 //! moto's server answers the token PUT without the
 //! `x-aws-ec2-metadata-token-ttl-seconds` header, which aws-config requires
 //! ("token response did not contain a TTL header"), so the agent's tests use
 //! this one instead. It speaks just enough HTTP/1.1 for the SDK's IMDS
-//! client, records every request, and can be told to misbehave.
+//! client, records every request (with the token it carried, the answer and
+//! when), and can be told to misbehave the ways a real IMDS does: disabled
+//! (403 on the token PUT), a token PUT that is never answered, tokens that
+//! expire or stop being accepted (401), throttling bursts, no instance role
+//! (404), credentials near expiry, and a full outage.
+//!
+//! Like an instance with `HttpTokens=required`, it refuses every metadata GET
+//! that does not carry a token it issued (401), so an IMDSv1 request (a GET
+//! without a token) shows up in the log as `token: None`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
 
 pub const ROLE: &str = "pulldeploy-node";
-const TOKEN: &str = "imds-session-token-for-tests";
+
+/// A connection whose token PUT is never answered is held open at most this
+/// long (or until the emulator is dropped).
+const HANG_LIMIT: Duration = Duration::from_secs(60);
 
 /// What the emulator answers; tests change it while it runs.
 #[derive(Clone, Debug)]
@@ -22,8 +35,17 @@ pub struct Behaviour {
     pub session_token: String,
     /// RFC 3339 expiry of the served credentials.
     pub expiration: String,
+    /// When set, the served credentials expire this long after they are
+    /// served (overrides `expiration`).
+    pub expires_in: Option<Duration>,
     /// Status for the token PUT (200 normally; 403 = IMDS disabled).
     pub token_status: u16,
+    /// Read the token PUT and never answer it (the connection stays open
+    /// until the client gives up, the emulator is dropped, or 60 s).
+    pub token_hang: bool,
+    /// TTL in seconds put on issued tokens whatever the client asked for;
+    /// `None` grants the requested TTL. A token is refused (401) after it.
+    pub token_ttl: Option<u64>,
     /// Status for every metadata GET that carries a valid token (200 normally).
     pub metadata_status: u16,
     /// Answer 404 on `security-credentials/` (no instance role attached).
@@ -31,6 +53,9 @@ pub struct Behaviour {
     /// Number of upcoming metadata GETs to fail with `burst_status`.
     pub burst_remaining: u32,
     pub burst_status: u16,
+    /// IMDS is down: every request is read, logged with no status, and the
+    /// connection is reset without an answer.
+    pub down: bool,
 }
 
 impl Default for Behaviour {
@@ -40,19 +65,67 @@ impl Default for Behaviour {
             secret_access_key: "imds-secret-access-key-for-tests".into(),
             session_token: "imds-session-token".into(),
             expiration: "2099-01-01T00:00:00Z".into(),
+            expires_in: None,
             token_status: 200,
+            token_hang: false,
+            token_ttl: None,
             metadata_status: 200,
             no_role: false,
             burst_remaining: 0,
             burst_status: 503,
+            down: false,
         }
     }
+}
+
+/// One request as the emulator saw it.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    /// The `x-aws-ec2-metadata-token` header, if any (`None` on a metadata
+    /// GET means an IMDSv1 request).
+    pub token: Option<String>,
+    /// What was answered; `None` when nothing was (hang, outage).
+    pub status: Option<u16>,
+    /// For a successful token PUT, the token issued.
+    pub issued: Option<String>,
+    /// When the request was read.
+    pub at: Instant,
+}
+
+impl Request {
+    pub fn is_token_put(&self) -> bool {
+        self.method == "PUT" && self.path == "/latest/api/token"
+    }
+
+    /// A GET of `security-credentials/ROLE` (the credentials themselves).
+    pub fn is_credentials_get(&self) -> bool {
+        self.method == "GET" && self.path == format!("{CREDENTIALS_PATH}{ROLE}")
+    }
+}
+
+const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials/";
+
+struct IssuedToken {
+    value: String,
+    expires: Instant,
+    revoked: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    log: Mutex<Vec<Request>>,
+    tokens: Mutex<Vec<IssuedToken>>,
+    stop: AtomicBool,
 }
 
 pub struct Imds {
     pub endpoint: String,
     pub behaviour: Arc<Mutex<Behaviour>>,
-    requests: Arc<Mutex<Vec<String>>>,
+    shared: Arc<Shared>,
+    port: u16,
+    accept_loop: Option<thread::JoinHandle<()>>,
 }
 
 impl Imds {
@@ -60,30 +133,52 @@ impl Imds {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind IMDS emulator");
         let port = listener.local_addr().expect("IMDS local addr").port();
         let behaviour = Arc::new(Mutex::new(behaviour));
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let (b, r) = (behaviour.clone(), requests.clone());
-        // The accept loop ends with the test process; each test's emulator
-        // is on its own port, so nothing leaks between tests.
-        thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let (b, r) = (b.clone(), r.clone());
-                thread::spawn(move || handle(stream, &b, &r));
+        let shared = Arc::new(Shared::default());
+        let (b, s) = (behaviour.clone(), shared.clone());
+        // Ends when the emulator is dropped (Drop sets `stop` and connects
+        // once to wake `accept`).
+        let accept_loop = thread::spawn(move || {
+            for stream in listener.incoming() {
+                if s.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                let (b, s) = (b.clone(), s.clone());
+                thread::spawn(move || handle(stream, &b, &s));
             }
         });
         Imds {
             endpoint: format!("http://127.0.0.1:{port}"),
             behaviour,
-            requests,
+            shared,
+            port,
+            accept_loop: Some(accept_loop),
         }
     }
 
     /// "METHOD path" of every request so far.
     pub fn requests(&self) -> Vec<String> {
-        self.requests.lock().expect("IMDS request log").clone()
+        self.log()
+            .into_iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect()
+    }
+
+    /// Every request so far, in order, with token, status and time.
+    pub fn log(&self) -> Vec<Request> {
+        self.shared.log.lock().expect("IMDS request log").clone()
     }
 
     pub fn set(&self, change: impl FnOnce(&mut Behaviour)) {
         change(&mut self.behaviour.lock().expect("IMDS behaviour"));
+    }
+
+    /// Stops accepting every token issued so far (401 from now on), as an
+    /// IMDS that restarted or rotated its token key would.
+    pub fn revoke_tokens(&self) {
+        for token in self.shared.tokens.lock().expect("IMDS tokens").iter_mut() {
+            token.revoked = true;
+        }
     }
 
     /// Environment for a child that must get credentials from this IMDS and
@@ -111,7 +206,51 @@ impl Imds {
     }
 }
 
-fn handle(stream: TcpStream, behaviour: &Mutex<Behaviour>, requests: &Mutex<Vec<String>>) {
+impl Drop for Imds {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees `stop`; hanging handlers poll it.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(handle) = self.accept_loop.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Closes `stream` with a TCP RST instead of a FIN (SO_LINGER 0), the way a
+/// crashed or firewalled service drops a connection.
+pub fn reset(stream: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket we own, with a correctly sized linger.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(stream);
+}
+
+/// What `answer` decided.
+enum Reply {
+    Answer {
+        status: u16,
+        headers: String,
+        body: String,
+        issued: Option<String>,
+    },
+    Hang,
+    Reset,
+}
+
+fn handle(stream: TcpStream, behaviour: &Mutex<Behaviour>, shared: &Shared) {
     let mut reader = BufReader::new(match stream.try_clone() {
         Ok(s) => s,
         Err(_) => return,
@@ -148,33 +287,65 @@ fn handle(stream: TcpStream, behaviour: &Mutex<Behaviour>, requests: &Mutex<Vec<
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        requests
-            .lock()
-            .expect("IMDS request log")
-            .push(format!("{method} {path}"));
+        let at = Instant::now();
         let header = |name: &str| {
             headers
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, v)| v.as_str())
         };
-        let (status, extra, body) = answer(&method, &path, header, behaviour);
-        let reason = match status {
-            200 => "OK",
-            401 => "Unauthorized",
-            403 => "Forbidden",
-            404 => "Not Found",
-            429 => "Too Many Requests",
-            _ => "Error",
+        let reply = answer(&method, &path, header, behaviour, shared);
+        let (status, issued) = match &reply {
+            Reply::Answer { status, issued, .. } => (Some(*status), issued.clone()),
+            Reply::Hang | Reply::Reset => (None, None),
         };
-        let response = format!(
-            "HTTP/1.1 {status} {reason}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n{extra}\r\n",
-            body.len()
-        );
-        if stream.write_all(response.as_bytes()).is_err()
-            || stream.write_all(body.as_bytes()).is_err()
-        {
-            return;
+        shared.log.lock().expect("IMDS request log").push(Request {
+            method,
+            path,
+            token: header("x-aws-ec2-metadata-token").map(str::to_string),
+            status,
+            issued,
+            at,
+        });
+        match reply {
+            Reply::Answer {
+                status,
+                headers,
+                body,
+                ..
+            } => {
+                let reason = match status {
+                    200 => "OK",
+                    400 => "Bad Request",
+                    401 => "Unauthorized",
+                    403 => "Forbidden",
+                    404 => "Not Found",
+                    405 => "Method Not Allowed",
+                    429 => "Too Many Requests",
+                    503 => "Service Unavailable",
+                    _ => "Error",
+                };
+                let response = format!(
+                    "HTTP/1.1 {status} {reason}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n{headers}\r\n",
+                    body.len()
+                );
+                if stream.write_all(response.as_bytes()).is_err()
+                    || stream.write_all(body.as_bytes()).is_err()
+                {
+                    return;
+                }
+            }
+            Reply::Reset => {
+                reset(stream);
+                return;
+            }
+            Reply::Hang => {
+                let deadline = at + HANG_LIMIT;
+                while Instant::now() < deadline && !shared.stop.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(50));
+                }
+                return;
+            }
         }
     }
 }
@@ -184,51 +355,94 @@ fn answer<'a>(
     path: &str,
     header: impl Fn(&str) -> Option<&'a str>,
     behaviour: &Mutex<Behaviour>,
-) -> (u16, String, String) {
+    shared: &Shared,
+) -> Reply {
+    let reply = |status: u16, headers: String, body: String| Reply::Answer {
+        status,
+        headers,
+        body,
+        issued: None,
+    };
     let mut b = behaviour.lock().expect("IMDS behaviour");
+    if b.down {
+        return Reply::Reset;
+    }
     if method == "PUT" && path == "/latest/api/token" {
         let Some(ttl) = header("x-aws-ec2-metadata-token-ttl-seconds") else {
-            return (400, String::new(), "missing TTL".into());
+            return reply(400, String::new(), "missing TTL".into());
         };
-        if b.token_status != 200 {
-            return (b.token_status, String::new(), String::new());
+        let Ok(requested) = ttl.trim().parse::<u64>() else {
+            return reply(400, String::new(), "bad TTL".into());
+        };
+        if !(1..=21600).contains(&requested) {
+            return reply(400, String::new(), "TTL out of range".into());
         }
-        return (
-            200,
-            format!("x-aws-ec2-metadata-token-ttl-seconds: {ttl}\r\n"),
-            TOKEN.into(),
-        );
+        if b.token_hang {
+            return Reply::Hang;
+        }
+        if b.token_status != 200 {
+            return reply(b.token_status, String::new(), String::new());
+        }
+        let ttl = b.token_ttl.unwrap_or(requested);
+        let mut tokens = shared.tokens.lock().expect("IMDS tokens");
+        let value = format!("imds-token-{}", tokens.len() + 1);
+        tokens.push(IssuedToken {
+            value: value.clone(),
+            expires: Instant::now() + Duration::from_secs(ttl),
+            revoked: false,
+        });
+        return Reply::Answer {
+            status: 200,
+            headers: format!("x-aws-ec2-metadata-token-ttl-seconds: {ttl}\r\n"),
+            body: value.clone(),
+            issued: Some(value),
+        };
     }
     if method != "GET" {
-        return (405, String::new(), String::new());
+        return reply(405, String::new(), String::new());
     }
-    // IMDSv2 only: a GET without the session token is refused, the way an
-    // instance with HttpTokens=required answers.
-    if header("x-aws-ec2-metadata-token") != Some(TOKEN) {
-        return (401, String::new(), String::new());
+    // IMDSv2 only: a GET without a valid session token is refused, the way
+    // an instance with HttpTokens=required answers.
+    let valid = header("x-aws-ec2-metadata-token").is_some_and(|t| {
+        shared
+            .tokens
+            .lock()
+            .expect("IMDS tokens")
+            .iter()
+            .any(|i| i.value == t && !i.revoked && Instant::now() < i.expires)
+    });
+    if !valid {
+        return reply(401, String::new(), String::new());
     }
     if b.burst_remaining > 0 {
         b.burst_remaining -= 1;
-        return (b.burst_status, String::new(), String::new());
+        return reply(b.burst_status, String::new(), String::new());
     }
     if b.metadata_status != 200 {
-        return (b.metadata_status, String::new(), String::new());
+        return reply(b.metadata_status, String::new(), String::new());
     }
-    let base = "/latest/meta-data/iam/security-credentials/";
     match path {
-        p if p == base => match b.no_role {
-            true => (404, String::new(), String::new()),
-            false => (200, String::new(), ROLE.into()),
+        p if p == CREDENTIALS_PATH => match b.no_role {
+            true => reply(404, String::new(), String::new()),
+            false => reply(200, String::new(), ROLE.into()),
         },
-        p if p == format!("{base}{ROLE}") && !b.no_role => (
-            200,
-            String::new(),
-            format!(
-                r#"{{"Code":"Success","LastUpdated":"2026-01-01T00:00:00Z","Type":"AWS-HMAC","AccessKeyId":"{}","SecretAccessKey":"{}","Token":"{}","Expiration":"{}"}}"#,
-                b.access_key_id, b.secret_access_key, b.session_token, b.expiration
-            ),
-        ),
-        "/latest/meta-data/placement/region" => (200, String::new(), "us-east-1".into()),
-        _ => (404, String::new(), String::new()),
+        p if p == format!("{CREDENTIALS_PATH}{ROLE}") && !b.no_role => {
+            let expiration = match b.expires_in {
+                Some(d) => (chrono::Utc::now()
+                    + chrono::Duration::from_std(d).expect("expires_in fits chrono"))
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                None => b.expiration.clone(),
+            };
+            reply(
+                200,
+                String::new(),
+                format!(
+                    r#"{{"Code":"Success","LastUpdated":"2026-01-01T00:00:00Z","Type":"AWS-HMAC","AccessKeyId":"{}","SecretAccessKey":"{}","Token":"{}","Expiration":"{}"}}"#,
+                    b.access_key_id, b.secret_access_key, b.session_token, expiration
+                ),
+            )
+        }
+        "/latest/meta-data/placement/region" => reply(200, String::new(), "us-east-1".into()),
+        _ => reply(404, String::new(), String::new()),
     }
 }

@@ -9,6 +9,7 @@
 // Each test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
 
+pub mod faulty;
 pub mod imds;
 pub mod node;
 pub mod repo;
