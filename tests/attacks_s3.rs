@@ -1060,3 +1060,42 @@ fn no_change_poll() {
     assert_eq!(node.state().installed, before.installed);
     assert_eq!(node.installed("myapp").as_deref(), Some("1.0"));
 }
+
+/// ATTACKS.md "Integrity and size": a server that sends one byte a second.
+/// The cycle's overall deadline (`agent.cycle_timeout`) ends it; nothing
+/// moves, and the next cycle, against a healthy server, installs.
+#[test]
+fn slow_trickle() {
+    let fx = Fixture::new(Behaviour::default());
+    let (node, before) = fx.node_with("1.0");
+    let config = std::fs::read_to_string(&node.config).expect("read config");
+    std::fs::write(
+        &node.config,
+        config.replacen("[agent]\n", "[agent]\ncycle_timeout = \"3s\"\n", 1),
+    )
+    .expect("write config");
+    fx.publish(&DebSpec::new("myapp", "1.1"));
+    fx.proxy.inject(
+        "myapp_1.1",
+        Fault::Trickle {
+            every: Duration::from_secs(1),
+        },
+        None,
+    );
+
+    let started = std::time::Instant::now();
+    let out = node.once();
+    let elapsed = started.elapsed();
+
+    assert_failed(&out, EX_UNAVAILABLE, &["deadline", "3s"]);
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "the deadline did not bound the cycle: {elapsed:?}"
+    );
+    assert_unmoved(&node, &before, "1.0");
+
+    fx.proxy.clear();
+    let out = node.once();
+    assert_ok(&out);
+    assert_eq!(node.installed("myapp").as_deref(), Some("1.1"));
+}

@@ -112,17 +112,33 @@ pub async fn download_verified(
     dest: &Path,
 ) -> Result<(), Error> {
     let partial = dest.with_extension("partial");
-    let result = stream_to(url, body, expected, &partial).await;
-    match result {
-        Ok(()) => tokio::fs::rename(&partial, dest).await.map_err(|source| {
-            Error::Source(SourceError::WriteCache {
-                path: dest.to_path_buf(),
-                source,
-            })
-        }),
-        Err(e) => {
-            let _ = tokio::fs::remove_file(&partial).await;
-            Err(e)
+    // Removes the partial file on every way out but success, including a
+    // cancelled future (the cycle deadline, a shutdown), which runs no code
+    // after its last await.
+    let guard = RemoveOnDrop(Some(partial.clone()));
+    stream_to(url, body, expected, &partial).await?;
+    tokio::fs::rename(&partial, dest).await.map_err(|source| {
+        Error::Source(SourceError::WriteCache {
+            path: dest.to_path_buf(),
+            source,
+        })
+    })?;
+    guard.disarm();
+    Ok(())
+}
+
+struct RemoveOnDrop(Option<std::path::PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
