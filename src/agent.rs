@@ -738,10 +738,7 @@ impl Agent {
             .agent
             .packages
             .iter()
-            .map(|p| match &p.pinned {
-                Some(version) => format!("{}={version}", p.name),
-                None => p.name.clone(),
-            })
+            .map(ToString::to_string)
             .collect()
     }
 

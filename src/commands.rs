@@ -13,15 +13,7 @@ use crate::state::State;
 /// One cycle; prints its outcome on stdout.
 pub async fn once(config: Config) -> Result<(), Error> {
     let mut state = State::load(&config.state_path())?;
-    let health = crate::health::Health::new(
-        config
-            .agent
-            .packages
-            .iter()
-            .map(|p| p.name.clone())
-            .collect(),
-        config.health.check_url.clone(),
-    );
+    let health = crate::health::Health::for_config(&config);
     let agent = Agent::new(config, health).await?;
     let outcome = agent.cycle(&mut state).await?;
     println!("{outcome}");
@@ -124,10 +116,7 @@ pub fn check_config(config: &Config) -> Result<(), Error> {
         .agent
         .packages
         .iter()
-        .map(|p| match &p.pinned {
-            Some(v) => format!("{}={v}", p.name),
-            None => p.name.clone(),
-        })
+        .map(ToString::to_string)
         .collect();
     println!("packages: {}", packages.join(", "));
     Ok(())

@@ -151,6 +151,16 @@ impl PackageSpec {
     }
 }
 
+impl std::fmt::Display for PackageSpec {
+    /// As written in the config: `name` or `name=version`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.pinned {
+            Some(version) => write!(f, "{}={version}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
 /// Debian Policy 5.6.1: at least two characters, lower case letters, digits,
 /// `+ - .`, starting with an alphanumeric.
 pub fn valid_package_name(name: &str) -> bool {

@@ -34,15 +34,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "serving /healthz");
     }
-    let health = Health::new(
-        config
-            .agent
-            .packages
-            .iter()
-            .map(|p| p.name.clone())
-            .collect(),
-        config.health.check_url.clone(),
-    );
+    let health = Health::for_config(&config);
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(crate::health::serve(listener, health.clone(), stop_rx));
 

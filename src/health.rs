@@ -48,6 +48,19 @@ pub struct Health {
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Health {
+    /// The health of the node `config` describes.
+    pub fn for_config(config: &crate::config::Config) -> Arc<Health> {
+        Health::new(
+            config
+                .agent
+                .packages
+                .iter()
+                .map(|p| p.name.clone())
+                .collect(),
+            config.health.check_url.clone(),
+        )
+    }
+
     pub fn new(wanted: Vec<String>, check_url: Option<String>) -> Arc<Health> {
         Arc::new(Health {
             snapshot: RwLock::new(Snapshot {

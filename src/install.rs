@@ -35,39 +35,46 @@ impl Dpkg {
         self.root.join("var/lib/dpkg/status")
     }
 
+    /// Calls `visit` with every paragraph of dpkg's status file (none when
+    /// the file does not exist yet: a fresh root).
+    fn each_status(
+        &self,
+        mut visit: impl FnMut(&deb822_fast::Paragraph) -> bool,
+    ) -> Result<(), InstallError> {
+        let path = self.status_path();
+        let file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(InstallError::Status { path, source }),
+        };
+        for paragraph in
+            deb822_fast::Deb822::iter_paragraphs_from_reader(std::io::BufReader::new(file))
+        {
+            let paragraph = paragraph.map_err(|e| status_error(&path, e))?;
+            if !visit(&paragraph) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Installed versions of `names` (only packages in state "install ok
     /// installed"), read from the status file without running dpkg-query.
     pub fn installed_versions(
         &self,
         names: &[&str],
     ) -> Result<HashMap<String, String>, InstallError> {
-        let path = self.status_path();
-        let file = match std::fs::File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
-            Err(source) => return Err(InstallError::Status { path, source }),
-        };
         let mut versions = HashMap::new();
-        for paragraph in
-            deb822_fast::Deb822::iter_paragraphs_from_reader(std::io::BufReader::new(file))
-        {
-            let paragraph = paragraph.map_err(|e| InstallError::Status {
-                path: path.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-            })?;
-            let (Some(name), Some(status), Some(version)) = (
-                paragraph.get("Package"),
-                paragraph.get("Status"),
-                paragraph.get("Version"),
-            ) else {
-                continue;
-            };
-            if names.contains(&name)
-                && status.split_whitespace().collect::<Vec<_>>() == ["install", "ok", "installed"]
+        self.each_status(|paragraph| {
+            if let (Some(name), Some(version)) =
+                (paragraph.get("Package"), paragraph.get("Version"))
+                && names.contains(&name)
+                && is_installed(paragraph)
             {
                 versions.insert(name.to_string(), version.to_string());
             }
-        }
+            true
+        })?;
         Ok(versions)
     }
 
@@ -148,18 +155,12 @@ impl Dpkg {
         {
             return Ok(true);
         }
-        let path = self.status_path();
-        let Ok(file) = std::fs::File::open(&path) else {
-            return Ok(false);
-        };
-        for paragraph in
-            deb822_fast::Deb822::iter_paragraphs_from_reader(std::io::BufReader::new(file))
-        {
-            let paragraph = paragraph.map_err(|e| status_error(&path, e))?;
+        let mut half_way = false;
+        self.each_status(|paragraph| {
             let state = paragraph
                 .get("Status")
                 .and_then(|s| s.split_whitespace().nth(2));
-            if matches!(
+            half_way = matches!(
                 state,
                 Some(
                     "half-installed"
@@ -168,11 +169,10 @@ impl Dpkg {
                         | "triggers-awaited"
                         | "triggers-pending"
                 )
-            ) {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+            );
+            !half_way
+        })?;
+        Ok(half_way)
     }
 
     /// Completes an interrupted dpkg run: `dpkg --configure -a`.
@@ -184,31 +184,17 @@ impl Dpkg {
 
     /// Everything installed, with versions and Provides, for `Depends`.
     pub fn installed_all(&self) -> Result<depends::Installed, InstallError> {
-        let path = self.status_path();
         let mut installed = depends::Installed::default();
-        let file = match std::fs::File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(installed),
-            Err(source) => return Err(InstallError::Status { path, source }),
-        };
-        for paragraph in
-            deb822_fast::Deb822::iter_paragraphs_from_reader(std::io::BufReader::new(file))
-        {
-            let paragraph = paragraph.map_err(|e| status_error(&path, e))?;
-            let (Some(name), Some(status), Some(version)) = (
-                paragraph.get("Package"),
-                paragraph.get("Status"),
-                paragraph.get("Version"),
-            ) else {
-                continue;
-            };
-            if !status.ends_with(" installed") {
-                continue;
-            }
-            if let Ok(version) = version.parse() {
+        self.each_status(|paragraph| {
+            if let (Some(name), Some(version)) =
+                (paragraph.get("Package"), paragraph.get("Version"))
+                && is_installed(paragraph)
+                && let Ok(version) = version.parse()
+            {
                 installed.add(name, version, paragraph.get("Provides"));
             }
-        }
+            true
+        })?;
         Ok(installed)
     }
 
@@ -227,6 +213,13 @@ impl Dpkg {
             }
         }
     }
+}
+
+/// dpkg's "install ok installed": the only state in which a package counts.
+fn is_installed(paragraph: &deb822_fast::Paragraph) -> bool {
+    paragraph
+        .get("Status")
+        .is_some_and(|s| s.split_whitespace().eq(["install", "ok", "installed"]))
 }
 
 fn status_error(path: &Path, e: deb822_fast::Error) -> InstallError {

@@ -76,18 +76,20 @@ pub async fn from_config(config: &Config) -> Result<Box<dyn Source>, Error> {
 
 const CHUNK: usize = 64 * 1024;
 
+/// One read from `body` into `chunk`; 0 at the end.
+async fn read_chunk(url: &str, body: &mut Body, chunk: &mut [u8]) -> Result<usize, SourceError> {
+    body.read(chunk).await.map_err(|source| SourceError::Read {
+        url: url.to_string(),
+        source,
+    })
+}
+
 /// Reads a whole body into memory, refusing more than `limit` bytes.
 pub async fn read_capped(url: &str, mut body: Body, limit: u64) -> Result<Vec<u8>, SourceError> {
     let mut data = Vec::new();
     let mut chunk = vec![0u8; CHUNK];
     loop {
-        let n = body
-            .read(&mut chunk)
-            .await
-            .map_err(|source| SourceError::Read {
-                url: url.to_string(),
-                source,
-            })?;
+        let n = read_chunk(url, &mut body, &mut chunk).await?;
         if n == 0 {
             return Ok(data);
         }
@@ -161,13 +163,7 @@ async fn stream_to(
     let mut digest = StreamDigest::new(expected.size);
     let mut chunk = vec![0u8; CHUNK];
     loop {
-        let n = body
-            .read(&mut chunk)
-            .await
-            .map_err(|source| SourceError::Read {
-                url: url.to_string(),
-                source,
-            })?;
+        let n = read_chunk(url, &mut body, &mut chunk).await?;
         if n == 0 {
             break;
         }
