@@ -117,6 +117,7 @@ impl Agent {
         let architecture = config.architecture()?;
         crate::state::ensure_dir(&config.agent.state_dir)?;
         crate::state::ensure_dir(&config.agent.cache_dir)?;
+        crate::state::remove_stale_temp_files(&config.state_path());
         let source = source::from_config(&config).await?;
         Ok(Agent {
             dpkg: Dpkg::new(&config.install.root),
@@ -459,6 +460,21 @@ impl Agent {
             self.dpkg.recover().await?;
         }
 
+        // A cached .deb changed since it was verified (disk error,
+        // tampering): give up this install without blaming the version; the
+        // next cycle fetches it again from the signed repository.
+        if let Err(e) = self
+            .cached_debs(&pending, &|p: &PendingPackage| Some(&p.to), debs)
+            .await
+        {
+            let mut next = state.clone();
+            next.pending = None;
+            next.push_event(format!("install abandoned: {e}"));
+            next.save(&self.config.state_path())?;
+            *state = next;
+            return Err(e);
+        }
+
         // The intent goes to disk before dpkg starts, so a kill at any
         // point after this is finished by `resume` at the next start.
         let mut next = state.clone();
@@ -472,7 +488,11 @@ impl Agent {
             info!(?drain, "draining before dpkg");
             tokio::time::sleep(drain).await;
         }
-        let result = match self.install_debs(&pending, |p| Some(&p.to), debs).await {
+        // Already checked just above.
+        let result = match self
+            .install_debs(&pending, |p| Some(&p.to), DebCheck::JustNow)
+            .await
+        {
             Ok(()) => self
                 .health_gate()
                 .await
@@ -495,40 +515,9 @@ impl Agent {
         &self,
         pending: &Pending,
         which: impl Fn(&PendingPackage) -> Option<&InstalledPackage>,
-        verified: DebCheck,
+        check: DebCheck,
     ) -> Result<(), Error> {
-        let mut debs = Vec::new();
-        for package in &pending.packages {
-            let Some(target) = which(package) else {
-                continue;
-            };
-            let (Some(file), Some(sha256)) = (&target.deb, &target.sha256) else {
-                return Err(StateError::Corrupt {
-                    path: self.config.state_path(),
-                    message: format!(
-                        "no cached .deb recorded for {} {}",
-                        package.name, target.version
-                    ),
-                }
-                .into());
-            };
-            let path = self.config.agent.cache_dir.join(file);
-            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            let expected = Expected {
-                sha256: sha256.clone(),
-                size,
-            };
-            if verified == DebCheck::Again && !cached_file_matches(&path, &expected).await {
-                return Err(VerifyError::HashMismatch {
-                    url: path.display().to_string(),
-                    expected: sha256.clone(),
-                    actual: "a different or missing file".into(),
-                }
-                .into());
-            }
-            info!(package = %package.name, version = %target.version, "installing");
-            debs.push(path);
-        }
+        let debs = self.cached_debs(pending, &which, check).await?;
         if debs.is_empty() {
             return Ok(());
         }
@@ -549,6 +538,57 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// The cached .debs that `which` picks, each hashed again first when
+    /// `check` asks for it. Packages dpkg already has fully installed at the
+    /// target version are left out (a resume after the health gate must not
+    /// restart a healthy app). A file that does not match is removed: it
+    /// can only be fetched again from the signed repository.
+    async fn cached_debs(
+        &self,
+        pending: &Pending,
+        which: &impl Fn(&PendingPackage) -> Option<&InstalledPackage>,
+        check: DebCheck,
+    ) -> Result<Vec<PathBuf>, Error> {
+        let installed = self.installed()?;
+        let mut debs = Vec::new();
+        for package in &pending.packages {
+            let Some(target) = which(package) else {
+                continue;
+            };
+            if installed.get(&package.name) == Some(&target.version) {
+                continue;
+            }
+            let (Some(file), Some(sha256)) = (&target.deb, &target.sha256) else {
+                return Err(StateError::Corrupt {
+                    path: self.config.state_path(),
+                    message: format!(
+                        "no cached .deb recorded for {} {}",
+                        package.name, target.version
+                    ),
+                }
+                .into());
+            };
+            let path = self.config.agent.cache_dir.join(file);
+            if check == DebCheck::Again {
+                let actual = file_sha256(&path)
+                    .await
+                    .unwrap_or_else(|e| format!("unreadable ({e})"));
+                if !actual.eq_ignore_ascii_case(sha256) {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(VerifyError::HashMismatch {
+                        url: path.display().to_string(),
+                        expected: sha256.clone(),
+                        actual,
+                    }
+                    .into());
+                }
+            }
+            info!(package = %package.name, version = %target.version, "installing");
+            debs.push(path);
+        }
+        Ok(debs)
     }
 
     /// Waits for the app to answer healthy (see [`Health::wait_healthy`]).
@@ -663,6 +703,7 @@ impl Agent {
         next.push_event(error.to_string());
         next.save(&self.config.state_path())?;
         *state = next;
+        self.prune_cache(state);
         Err(error.into())
     }
 
@@ -1015,35 +1056,35 @@ fn status_stamp(path: &Path) -> Option<(i64, i64, u64, u64)> {
     Some((meta.mtime(), meta.mtime_nsec(), meta.len(), meta.ino()))
 }
 
-async fn cached_file_matches(path: &Path, expected: &Expected) -> bool {
+/// The SHA256 of a file in the cache, or why it cannot be read.
+async fn file_sha256(path: &Path) -> Result<String, String> {
     let path = path.to_path_buf();
-    let expected = expected.clone();
     tokio::task::spawn_blocking(move || {
-        let Ok(meta) = std::fs::metadata(&path) else {
-            return false;
-        };
-        if meta.len() != expected.size {
-            return false;
-        }
-        let Ok(mut file) = std::fs::File::open(&path) else {
-            return false;
-        };
-        let mut digest = StreamDigest::new(expected.size);
+        let mut file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+        let mut digest = StreamDigest::new(u64::MAX);
         let mut buffer = vec![0u8; 64 * 1024];
         loop {
             match file.read(&mut buffer) {
-                Ok(0) => return digest.verify(&expected).is_ok(),
-                Ok(n) => {
-                    if digest.update(&buffer[..n]).is_err() {
-                        return false;
-                    }
-                }
-                Err(_) => return false,
+                Ok(0) => return Ok(digest.finish().0),
+                // The limit is u64::MAX: update cannot overflow.
+                Ok(n) => digest
+                    .update(&buffer[..n])
+                    .map_err(|_| "too large".to_string())?,
+                Err(e) => return Err(e.to_string()),
             }
         }
     })
     .await
-    .unwrap_or(false)
+    .map_err(|e| e.to_string())?
+}
+
+/// True when `path` has exactly the expected size and SHA256.
+async fn cached_file_matches(path: &Path, expected: &Expected) -> bool {
+    let size_matches = std::fs::metadata(path).is_ok_and(|m| m.len() == expected.size);
+    size_matches
+        && file_sha256(path)
+            .await
+            .is_ok_and(|actual| actual.eq_ignore_ascii_case(&expected.sha256))
 }
 
 /// Decompresses and parses a verified index file, refusing to inflate past

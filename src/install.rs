@@ -117,11 +117,12 @@ impl Dpkg {
             })?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
-            let last = stderr
-                .trim()
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty() && !l.starts_with("Errors were encountered"))
+            // dpkg's cause is its first "error" line; what follows is often
+            // a multi-line note or the "Errors were encountered" summary.
+            let lines = || stderr.lines().map(str::trim).filter(|l| !l.is_empty());
+            let last = lines()
+                .find(|l| l.contains("error") && !l.starts_with("Errors were encountered"))
+                .or_else(|| lines().last())
                 .unwrap_or_default();
             return Err(InstallError::Dpkg {
                 packages: what,
@@ -198,20 +199,74 @@ impl Dpkg {
         Ok(installed)
     }
 
-    /// Waits up to `timeout` for dpkg's frontend lock, as apt does, so that
-    /// another apt, dpkg or unattended-upgrades run finishes undisturbed.
-    /// `None` when it is still held after `timeout`: the caller defers.
-    pub async fn lock(&self, timeout: Duration) -> Result<Option<FrontendLock>, InstallError> {
-        let path = self.root.join("var/lib/dpkg/lock-frontend");
+    /// Waits up to `timeout` for dpkg's locks, as apt does, so that another
+    /// apt, dpkg or unattended-upgrades run finishes undisturbed: first the
+    /// frontend lock (`lock-frontend`, kept until the returned value is
+    /// dropped), then the database lock (`lock`), which a dpkg still running
+    /// after its frontend died holds alone. The database lock is only
+    /// checked, not kept: dpkg takes it itself. `None` when either is still
+    /// held after `timeout`: the caller defers.
+    pub async fn lock(&self, timeout: Duration) -> Result<Option<DpkgLock>, InstallError> {
+        let admin = self.root.join("var/lib/dpkg");
         let started = Instant::now();
+        let frontend = loop {
+            match wait_step(
+                DpkgLock::try_acquire(&admin.join("lock-frontend")),
+                started,
+                timeout,
+            )
+            .await
+            {
+                Step::Got(lock) => break lock,
+                Step::Retry => continue,
+                Step::TimedOut => return Ok(None),
+                Step::Failed(source) => {
+                    return Err(InstallError::Lock {
+                        path: admin.join("lock-frontend"),
+                        source,
+                    });
+                }
+            }
+        };
         loop {
-            match FrontendLock::try_acquire(&path) {
-                Ok(Some(lock)) => return Ok(Some(lock)),
-                Ok(None) if started.elapsed() >= timeout => return Ok(None),
-                Ok(None) => tokio::time::sleep(Duration::from_millis(250)).await,
-                Err(source) => return Err(InstallError::Lock { path, source }),
+            match wait_step(DpkgLock::try_acquire(&admin.join("lock")), started, timeout).await {
+                // Released at once: dpkg takes it itself.
+                Step::Got(_database) => return Ok(Some(frontend)),
+                Step::Retry => continue,
+                Step::TimedOut => return Ok(None),
+                Step::Failed(source) => {
+                    return Err(InstallError::Lock {
+                        path: admin.join("lock"),
+                        source,
+                    });
+                }
             }
         }
+    }
+}
+
+enum Step<T> {
+    Got(T),
+    Retry,
+    TimedOut,
+    Failed(std::io::Error),
+}
+
+/// One attempt at a lock: held elsewhere means sleep and retry until
+/// `timeout` has passed since `started`.
+async fn wait_step<T>(
+    attempt: std::io::Result<Option<T>>,
+    started: Instant,
+    timeout: Duration,
+) -> Step<T> {
+    match attempt {
+        Ok(Some(lock)) => Step::Got(lock),
+        Ok(None) if started.elapsed() >= timeout => Step::TimedOut,
+        Ok(None) => {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            Step::Retry
+        }
+        Err(e) => Step::Failed(e),
     }
 }
 
@@ -232,12 +287,12 @@ fn status_error(path: &Path, e: deb822_fast::Error) -> InstallError {
 /// dpkg's frontend lock (`lock-frontend`), an fcntl write lock held for as
 /// long as this value lives. dpkg itself is told (DPKG_FRONTEND_LOCKED) that
 /// its frontend holds it.
-pub struct FrontendLock {
+pub struct DpkgLock {
     _file: std::fs::File,
 }
 
-impl FrontendLock {
-    fn try_acquire(path: &Path) -> std::io::Result<Option<FrontendLock>> {
+impl DpkgLock {
+    fn try_acquire(path: &Path) -> std::io::Result<Option<DpkgLock>> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -253,7 +308,7 @@ impl FrontendLock {
         lock.l_whence = libc::SEEK_SET as libc::c_short;
         let result = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) };
         if result == 0 {
-            return Ok(Some(FrontendLock { _file: file }));
+            return Ok(Some(DpkgLock { _file: file }));
         }
         let error = std::io::Error::last_os_error();
         match error.raw_os_error() {

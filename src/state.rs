@@ -199,6 +199,23 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     result.map_err(write_error)
 }
 
+/// Removes temp files that a write killed half-way left beside `path`
+/// (`.state.json.tmp.PID`); the state itself is whole either way.
+pub fn remove_stale_temp_files(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}.tmp.", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Creates `dir` (and parents) if needed.
 pub fn ensure_dir(dir: &Path) -> Result<(), StateError> {
     std::fs::create_dir_all(dir).map_err(|source| StateError::Dir {

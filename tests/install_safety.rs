@@ -1,0 +1,2005 @@
+//! dpkg and the host: ATTACKS.md "dpkg and host", one test per row, plus
+//! the health-gated commit, bad versions, `/healthz` draining and the
+//! rollback cache.
+//!
+//! Every test builds its own input: packages made with dpkg-deb (maintainer
+//! scripts that fail, wait on a marker file, record the time or read stdin;
+//! conffiles; a huge Installed-Size; Depends), a hand-made signed
+//! repository, another process holding dpkg's lock, a dpkg really killed
+//! mid-script, an app health endpoint whose answers the test scripts. The
+//! real binary installs into a sandbox root with real dpkg. Each test
+//! asserts the named error (exit code and words of the last stderr line),
+//! what dpkg has installed afterwards, and what state.json says.
+//!
+//! Waits are bounded and wait for something (a marker file, a log line, an
+//! app probe, a process exit), never for a fixed time.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::GpgKey;
+use common::node::{Node, failure};
+use common::repo::{HandRepo, ReleaseFields, sha256_hex};
+use pulldeploy::state::{InstalledPackage, State};
+use tempfile::TempDir;
+
+/// Upper bound for any one wait: a process exit, a log line, a marker.
+const LIMIT: Duration = Duration::from_secs(30);
+
+// ---- Packages -------------------------------------------------------------
+
+/// A package to build with dpkg-deb. It always ships
+/// /usr/share/NAME/VERSION (the version and a newline), which the test app
+/// reads to know which version is running.
+#[derive(Clone)]
+struct Pkg {
+    name: String,
+    version: String,
+    depends: Option<String>,
+    /// Installed-Size in KiB; by default what the files need.
+    installed_size_kib: Option<u64>,
+    preinst: Option<String>,
+    postinst: Option<String>,
+    /// Content of the conffile /etc/NAME/NAME.conf.
+    conffile: Option<String>,
+    payload_bytes: usize,
+    /// One more file: path relative to the root, content.
+    extra_file: Option<(String, String)>,
+}
+
+fn pkg(name: &str, version: &str) -> Pkg {
+    Pkg {
+        name: name.into(),
+        version: version.into(),
+        depends: None,
+        installed_size_kib: None,
+        preinst: None,
+        postinst: None,
+        conffile: None,
+        payload_bytes: 0,
+        extra_file: None,
+    }
+}
+
+impl Pkg {
+    fn preinst(mut self, body: &str) -> Pkg {
+        self.preinst = Some(body.into());
+        self
+    }
+    fn postinst(mut self, body: &str) -> Pkg {
+        self.postinst = Some(body.into());
+        self
+    }
+    fn depends(mut self, depends: &str) -> Pkg {
+        self.depends = Some(depends.into());
+        self
+    }
+    fn installed_size_kib(mut self, kib: u64) -> Pkg {
+        self.installed_size_kib = Some(kib);
+        self
+    }
+    fn conffile(mut self, content: &str) -> Pkg {
+        self.conffile = Some(content.into());
+        self
+    }
+    fn payload(mut self, bytes: usize) -> Pkg {
+        self.payload_bytes = bytes;
+        self
+    }
+    fn extra_file(mut self, path: &str, content: &str) -> Pkg {
+        self.extra_file = Some((path.into(), content.into()));
+        self
+    }
+
+    fn deb_name(&self) -> String {
+        format!("{}_{}_amd64.deb", self.name, self.version)
+    }
+}
+
+/// Builds `OUT/NAME_VERSION_amd64.deb` with `dpkg-deb --build`.
+fn build(out: &Path, p: &Pkg) -> PathBuf {
+    let tree = tempfile::tempdir().expect("package tree tempdir");
+    let root = tree.path();
+    let mut files: Vec<(String, Vec<u8>, u32)> = vec![(
+        format!("usr/share/{}/VERSION", p.name),
+        format!("{}\n", p.version).into_bytes(),
+        0o644,
+    )];
+    if p.payload_bytes > 0 {
+        files.push((
+            format!("usr/share/{}/payload", p.name),
+            common::random_bytes(p.payload_bytes),
+            0o644,
+        ));
+    }
+    if let Some(content) = &p.conffile {
+        let path = format!("etc/{0}/{0}.conf", p.name);
+        files.push((path.clone(), content.clone().into_bytes(), 0o644));
+        files.push((
+            "DEBIAN/conffiles".into(),
+            format!("/{path}\n").into_bytes(),
+            0o644,
+        ));
+    }
+    if let Some((path, content)) = &p.extra_file {
+        files.push((path.clone(), content.clone().into_bytes(), 0o644));
+    }
+    for (script, body) in [("preinst", &p.preinst), ("postinst", &p.postinst)] {
+        if let Some(body) = body {
+            files.push((
+                format!("DEBIAN/{script}"),
+                format!("#!/bin/sh\nset -e\n{body}\n").into_bytes(),
+                0o755,
+            ));
+        }
+    }
+    let mut control = format!(
+        "Package: {}\nVersion: {}\nArchitecture: amd64\nMaintainer: pulldeploy tests <tests@example.invalid>\n\
+         Section: misc\nPriority: optional\nInstalled-Size: {}\n",
+        p.name,
+        p.version,
+        p.installed_size_kib
+            .unwrap_or(p.payload_bytes.div_ceil(1024) as u64 + 4)
+    );
+    if let Some(depends) = &p.depends {
+        control.push_str(&format!("Depends: {depends}\n"));
+    }
+    control.push_str("Description: install_safety fixture\n built by tests/install_safety.rs\n");
+    files.push(("DEBIAN/control".into(), control.into_bytes(), 0o644));
+    for (path, content, mode) in &files {
+        let full = root.join(path);
+        std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir in package tree");
+        std::fs::write(&full, content).expect("write package file");
+        std::fs::set_permissions(&full, std::fs::Permissions::from_mode(*mode)).expect("chmod");
+    }
+    chmod_dirs(root);
+    std::fs::create_dir_all(out).expect("mkdir deb output");
+    let deb = out.join(p.deb_name());
+    common::run(
+        Command::new("dpkg-deb")
+            .args(["--build", "--root-owner-group", "-Zgzip"])
+            .arg(root)
+            .arg(&deb),
+        "dpkg-deb --build",
+    );
+    deb
+}
+
+/// dpkg-deb packs directories with their modes; tempdirs are 0700.
+fn chmod_dirs(dir: &Path) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    for entry in std::fs::read_dir(dir).expect("read package tree").flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            chmod_dirs(&entry.path());
+        }
+    }
+}
+
+/// A maintainer script body that touches `$DPKG_ROOT/MARKER` and then
+/// waits (at most 30 s) while `$DPKG_ROOT/hold` exists: the test kills the
+/// agent in that window, or removes `hold` to let it pass.
+fn hold_at(marker: &str) -> String {
+    format!(
+        "touch \"$DPKG_ROOT/{marker}\"\n\
+         i=0\n\
+         while [ -e \"$DPKG_ROOT/hold\" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done"
+    )
+}
+
+// ---- The node and its repository -------------------------------------------
+
+struct Fixture {
+    key: GpgKey,
+    repo: HandRepo,
+    debs: TempDir,
+    node: Node,
+}
+
+/// A node for `packages` reading a hand-made repository over file://, with
+/// `health` appended to its [health] section and a 1 s dpkg lock timeout.
+fn fixture(packages: &[&str], health: &str) -> Fixture {
+    let key = GpgKey::generate("Acme Repository <repo@acme.test>");
+    let repo = HandRepo::new();
+    let node = Node::new(
+        &format!("url = {:?}", repo.url()),
+        &key.public_key,
+        packages,
+        health,
+    );
+    configure(&node, "install", "lock_timeout = \"1s\"");
+    Fixture {
+        key,
+        repo,
+        debs: tempfile::tempdir().expect("debs tempdir"),
+        node,
+    }
+}
+
+impl Fixture {
+    /// Adds the packages to the repository and publishes a new signed
+    /// Release. Returns the .debs as built.
+    fn publish(&mut self, packages: &[Pkg]) -> Vec<PathBuf> {
+        let debs: Vec<PathBuf> = packages
+            .iter()
+            .map(|p| {
+                let deb = build(self.debs.path(), p);
+                self.repo.add_deb(&deb);
+                deb
+            })
+            .collect();
+        self.repo.publish(&self.key, &ReleaseFields::default());
+        debs
+    }
+
+    fn once(&self) -> Output {
+        once(&self.node)
+    }
+
+    fn root(&self) -> &Path {
+        &self.node.root.path
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.node.dir.path().join("state")
+    }
+
+    fn cache_dir(&self) -> PathBuf {
+        self.node.dir.path().join("cache")
+    }
+}
+
+/// Inserts `lines` at the top of `[section]` of the node's config (the
+/// harness writes [install] itself, so keys of it cannot go in `extra`).
+fn configure(node: &Node, section: &str, lines: &str) {
+    let text = std::fs::read_to_string(&node.config).expect("read node config");
+    let header = format!("[{section}]\n");
+    assert!(text.contains(&header), "no {header:?} in\n{text}");
+    let text = text.replacen(&header, &format!("{header}{lines}\n"), 1);
+    std::fs::write(&node.config, text).expect("write node config");
+}
+
+/// `pulldeploy once`, bounded by [`LIMIT`].
+fn once(node: &Node) -> Output {
+    Running::start(node.command(&["once"])).finish(LIMIT)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[track_caller]
+fn assert_ok(out: &Output, expected_stdout: &str) {
+    assert!(
+        out.status.success(),
+        "pulldeploy failed: {:?}\n{}",
+        out.status,
+        stderr(out)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        expected_stdout,
+        "stderr:\n{}",
+        stderr(out)
+    );
+}
+
+/// The named error: exit code and every word in the last stderr line.
+#[track_caller]
+fn assert_failed(out: &Output, code: i32, words: &[&str]) -> String {
+    let (actual, line) = failure(out);
+    assert_eq!(actual, Some(code), "exit code; stderr:\n{}", stderr(out));
+    for word in words {
+        assert!(
+            line.contains(word),
+            "expected {word:?} in the last stderr line:\n{line}\nfull stderr:\n{}",
+            stderr(out)
+        );
+    }
+    line
+}
+
+/// name -> version of a state map, for readable comparisons.
+fn versions(map: &BTreeMap<String, InstalledPackage>) -> BTreeMap<String, String> {
+    map.iter()
+        .map(|(name, p)| (name.clone(), p.version.clone()))
+        .collect()
+}
+
+fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn bad(pairs: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
+        .collect()
+}
+
+fn pending_target(state: &State) -> Option<String> {
+    state.pending.as_ref().map(|p| {
+        p.packages
+            .iter()
+            .map(|p| p.to.version.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    })
+}
+
+/// The sandbox's dpkg.log, line by line (dpkg appends to it).
+fn dpkg_log(node: &Node) -> Vec<String> {
+    std::fs::read_to_string(node.root.dpkg_log())
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Entries of dpkg's journal (var/lib/dpkg/updates) other than its
+/// scratch file: non-empty after an interrupted dpkg run.
+fn journal(node: &Node) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(node.root.admindir().join("updates"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "tmp.i")
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// `.deb` files in the node's cache.
+fn cached_debs(node: &Node) -> Vec<String> {
+    node.cache_files()
+        .into_iter()
+        .filter(|f| f.ends_with(".deb"))
+        .collect()
+}
+
+/// Polls `done` every 10 ms until it holds; panics after `limit`.
+#[track_caller]
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn healthz(port: u16) -> (u16, String) {
+    let response = common::http_request(port, "GET", "/healthz", &[], &[]);
+    (response.status, response.text())
+}
+
+// ---- Processes --------------------------------------------------------------
+
+/// A child in its own process group (so that a kill takes its dpkg and
+/// maintainer scripts too, as systemd's KillMode=control-group does), its
+/// stderr read line by line, killed on drop.
+struct Running {
+    child: Child,
+    what: String,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+    cursor: usize,
+    stdout: mpsc::Receiver<Vec<u8>>,
+    stdin: Option<ChildStdin>,
+}
+
+impl Running {
+    fn start(command: Command) -> Running {
+        Self::start_with_stdin(command, None)
+    }
+
+    /// With `input` written to a stdin pipe that stays open until the
+    /// child exits.
+    fn start_with_stdin(mut command: Command, input: Option<&[u8]>) -> Running {
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        if input.is_some() {
+            command.stdin(Stdio::piped());
+        }
+        let what = format!(
+            "{} {}",
+            command.get_program().to_string_lossy(),
+            command
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let stdin = input.map(|bytes| {
+            let mut stdin = child.stdin.take().expect("piped stdin");
+            stdin.write_all(bytes).expect("write child stdin");
+            stdin
+        });
+        let (line_tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().expect("piped stderr");
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (out_tx, stdout) = mpsc::channel();
+        let mut out = child.stdout.take().expect("piped stdout");
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = out.read_to_end(&mut bytes);
+            let _ = out_tx.send(bytes);
+        });
+        Running {
+            child,
+            what,
+            lines,
+            log: Vec::new(),
+            cursor: 0,
+            stdout,
+            stdin,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn drain_lines(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.log.push(line);
+        }
+    }
+
+    /// The next stderr line (after the last one found) containing `needle`.
+    #[track_caller]
+    fn wait_for_line(&mut self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(i) = self.log[self.cursor..]
+                .iter()
+                .position(|l| l.contains(needle))
+            {
+                let line = self.log[self.cursor + i].clone();
+                self.cursor += i + 1;
+                return line;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no {needle:?} in the log of {} within {limit:?}:\n{}",
+                self.what,
+                self.log.join("\n")
+            );
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(100)))
+            {
+                Ok(line) => self.log.push(line),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
+                    "{} closed stderr before logging {needle:?}:\n{}",
+                    self.what,
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The port of "serving /healthz addr=127.0.0.1:PORT".
+    fn health_port(&mut self) -> u16 {
+        let line = self.wait_for_line("serving /healthz", LIMIT);
+        line.rsplit(':')
+            .next()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"))
+    }
+
+    /// SIGKILL to the whole process group, then reap.
+    fn kill(&mut self) {
+        // SAFETY: kill(2) on the process group this (unreaped) child leads.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+        self.drain_lines();
+    }
+
+    /// SIGTERM to the process itself (not its group), as systemd's stop.
+    fn terminate(&mut self) {
+        // SAFETY: kill(2) on our own unreaped child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    }
+
+    fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            self.drain_lines();
+            if Instant::now() >= deadline {
+                self.kill();
+                panic!(
+                    "{} still running after {limit:?}; stderr:\n{}",
+                    self.what,
+                    self.log.join("\n")
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the exit (at most `limit`) and returns what it printed.
+    fn finish(mut self, limit: Duration) -> Output {
+        let status = self.wait(limit);
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.log.push(line);
+        }
+        let stdout = self
+            .stdout
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_default();
+        let mut stderr = self.log.join("\n");
+        stderr.push('\n');
+        Output {
+            status,
+            stdout,
+            stderr: stderr.into_bytes(),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+/// Another process holding dpkg's frontend lock the way dpkg and apt take
+/// it: an fcntl write lock on ROOT/var/lib/dpkg/lock-frontend.
+struct LockHolder {
+    child: Child,
+}
+
+impl LockHolder {
+    fn take(path: &Path) -> LockHolder {
+        let mut child = Command::new("python3")
+            .args([
+                "-c",
+                "import fcntl,time,sys\n\
+                 f=open(sys.argv[1],'w')\n\
+                 fcntl.lockf(f, fcntl.LOCK_EX)\n\
+                 print('locked', flush=True)\n\
+                 time.sleep(60)",
+            ])
+            .arg(path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("start python3 holding the dpkg lock");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let holder = LockHolder { child };
+        match rx.recv_timeout(LIMIT) {
+            Ok(line) if line.trim() == "locked" => holder,
+            other => panic!("the lock holder did not lock {}: {other:?}", path.display()),
+        }
+    }
+}
+
+impl Drop for LockHolder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---- The app behind check_url ---------------------------------------------------
+
+/// One probe of the app, as the app saw it.
+#[derive(Clone, Debug)]
+struct Probe {
+    at: SystemTime,
+    /// usr/share/myapp/VERSION in the sandbox root: the running version.
+    version: String,
+    status: u16,
+    /// state.json at that moment: the committed version of myapp, and the
+    /// pending install.
+    committed: Option<String>,
+    pending: Option<String>,
+}
+
+/// The application's health endpoint. Its answer is decided per probe by
+/// the test's closure from the running version (read from the sandbox
+/// root) and how many probes that version has had: a new version can be
+/// sick, slow to start or flapping, independently of the old one.
+struct App {
+    probes: Arc<Mutex<Vec<Probe>>>,
+    stop: Arc<AtomicBool>,
+    addr: SocketAddr,
+}
+
+impl App {
+    /// Starts the app and points the node's `check_url` at it.
+    fn start(node: &Node, answer: impl FnMut(&str, usize) -> u16 + Send + 'static) -> App {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind app");
+        let addr = listener.local_addr().expect("app addr");
+        let probes = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let version_file = node.root.path.join("usr/share/myapp/VERSION");
+        let state_path = node.dir.path().join("state/state.json");
+        {
+            let probes = probes.clone();
+            let stop = stop.clone();
+            let mut answer = answer;
+            thread::spawn(move || {
+                let mut seen: HashMap<String, usize> = HashMap::new();
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(mut stream) = stream else { continue };
+                    if read_head(&mut stream).is_none() {
+                        continue;
+                    }
+                    let version = std::fs::read_to_string(&version_file)
+                        .map(|v| v.trim().to_string())
+                        .unwrap_or_else(|_| "-".into());
+                    let count = seen.entry(version.clone()).or_default();
+                    let nth = *count;
+                    *count += 1;
+                    let state = State::load(&state_path).ok();
+                    let status = answer(&version, nth);
+                    probes.lock().expect("probes").push(Probe {
+                        at: SystemTime::now(),
+                        version,
+                        status,
+                        committed: state
+                            .as_ref()
+                            .and_then(|s| s.installed.get("myapp").map(|p| p.version.clone())),
+                        pending: state.as_ref().and_then(pending_target),
+                    });
+                    let _ = stream.write_all(
+                        format!(
+                            "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    );
+                }
+            });
+        }
+        configure(
+            node,
+            "health",
+            &format!("check_url = \"http://{addr}/health\""),
+        );
+        App { probes, stop, addr }
+    }
+
+    fn probes_of(&self, version: &str) -> Vec<Probe> {
+        self.probes
+            .lock()
+            .expect("probes")
+            .iter()
+            .filter(|p| p.version == version)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// Reads an HTTP request head (no body is expected).
+fn read_head(stream: &mut TcpStream) -> Option<String> {
+    let _ = stream.set_read_timeout(Some(LIMIT));
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+        if head.len() > 64 * 1024 {
+            return None;
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+// ---- dpkg and host -------------------------------------------------------------
+
+#[test]
+fn dpkg_lock_held() {
+    let mut f = fixture(&["myapp"], "");
+    f.publish(&[pkg("myapp", "1.0")]);
+    assert_ok(&f.once(), "installed myapp 1.0");
+    f.publish(&[pkg("myapp", "1.1")]);
+    let before = f.node.state();
+    let dpkg_before = dpkg_log(&f.node);
+
+    let holder = LockHolder::take(&f.root().join("var/lib/dpkg/lock-frontend"));
+    // The holder is real to dpkg itself, so it is real to the agent's dpkg.
+    let out = f
+        .node
+        .root
+        .dpkg()
+        .args(["--configure", "--pending"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run dpkg");
+    assert!(
+        !out.status.success() && stderr(&out).contains("lock"),
+        "dpkg ignored the held lock: {}",
+        stderr(&out)
+    );
+
+    // Waits up to lock_timeout (1 s), then defers: 75, nothing moves.
+    let started = Instant::now();
+    let out = f.once();
+    let waited = started.elapsed();
+    assert_failed(&out, 75, &["deferred", "lock"]);
+    assert!(
+        waited >= Duration::from_secs(1),
+        "deferred after {waited:?}, before lock_timeout"
+    );
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    assert_eq!(dpkg_log(&f.node), dpkg_before, "dpkg ran under a held lock");
+    let after = f.node.state();
+    assert_eq!(versions(&after.installed), map(&[("myapp", "1.0")]));
+    assert_eq!(after.release, before.release, "accepted Release moved");
+    assert_eq!(after.pending, None, "a deferred install is not pending");
+    assert!(
+        after.bad.is_empty(),
+        "a busy lock is not a bad version: {:?}",
+        after.bad
+    );
+    assert!(
+        after
+            .last_error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("deferred")),
+        "{:?}",
+        after.last_error
+    );
+
+    // The daemon keeps serving the installed version while it defers, and
+    // installs once the lock is free.
+    let mut daemon = Running::start(f.node.command(&["run"]));
+    let port = daemon.health_port();
+    daemon.wait_for_line("cycle deferred", LIMIT);
+    let (status, body) = healthz(port);
+    assert_eq!(status, 200, "not serving while deferred: {body}");
+    assert!(body.contains("\"myapp\": \"1.0\""), "{body}");
+    drop(holder);
+    daemon.wait_for_line("installed and healthy package=myapp", LIMIT);
+    let (status, body) = healthz(port);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"myapp\": \"1.1\""), "{body}");
+    daemon.terminate();
+    let out = daemon.finish(LIMIT);
+    assert!(
+        out.status.success(),
+        "daemon exit: {:?}\n{}",
+        out.status,
+        stderr(&out)
+    );
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.1"));
+    assert_eq!(
+        versions(&f.node.state().installed),
+        map(&[("myapp", "1.1")])
+    );
+}
+
+/// An orphaned dpkg (its frontend was SIGKILLed: apt, unattended-upgrades
+/// or this agent) keeps dpkg's database lock, var/lib/dpkg/lock, while the
+/// frontend lock is free. dpkg cannot run until it is released: that is a
+/// busy host, like [`dpkg_lock_held`], not a bad version.
+#[test]
+fn dpkg_lock_held_database_lock() {
+    let mut f = fixture(&["myapp"], "");
+    f.publish(&[pkg("myapp", "1.0")]);
+    assert_ok(&f.once(), "installed myapp 1.0");
+    f.publish(&[pkg("myapp", "1.1")]);
+    let before = f.node.state();
+
+    let holder = LockHolder::take(&f.root().join("var/lib/dpkg/lock"));
+    let out = f.once();
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    let after = f.node.state();
+    assert!(
+        after.bad.is_empty(),
+        "a held dpkg lock marked a version bad: {:?}\n{}",
+        after.bad,
+        stderr(&out)
+    );
+    assert_eq!(after.installed, before.installed);
+    assert_failed(&out, 75, &["deferred", "lock"]);
+    assert_eq!(after.pending, None);
+
+    drop(holder);
+    assert_ok(&f.once(), "installed myapp 1.1");
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.1"));
+}
+
+#[test]
+fn dpkg_interrupted() {
+    let mut f = fixture(&["myapp"], "");
+    // Someone's `dpkg -i helper` killed (with its scripts) mid-postinst:
+    // a dirty journal in var/lib/dpkg/updates, helper half-configured.
+    let helper = build(
+        f.debs.path(),
+        &pkg("helper", "1.0").postinst(&format!(
+            "{}\necho configured >> \"$DPKG_ROOT/helper-configured\"",
+            hold_at("helper-postinst-started")
+        )),
+    );
+    std::fs::write(f.root().join("hold"), "").expect("hold");
+    let mut dpkg = Running::start({
+        let mut command = f.node.root.dpkg();
+        command.arg("--install").arg(&helper);
+        command
+    });
+    let started = f.root().join("helper-postinst-started");
+    wait_for("helper's postinst", LIMIT, || started.exists());
+    dpkg.kill();
+    std::fs::remove_file(f.root().join("hold")).expect("unhold");
+    assert!(
+        !journal(&f.node).is_empty(),
+        "killing dpkg left no journal entries"
+    );
+    assert_eq!(
+        f.node.installed("helper"),
+        None,
+        "helper should be left half-configured"
+    );
+    assert!(!f.root().join("helper-configured").exists());
+
+    f.publish(&[pkg("myapp", "1.0")]);
+    let out = f.once();
+    assert_ok(&out, "installed myapp 1.0");
+    assert!(
+        stderr(&out).contains("dpkg was interrupted"),
+        "{}",
+        stderr(&out)
+    );
+    // `dpkg --configure -a` finished helper first, then myapp went in.
+    assert_eq!(f.node.installed("helper").as_deref(), Some("1.0"));
+    assert!(f.root().join("helper-configured").exists());
+    assert_eq!(
+        journal(&f.node),
+        Vec::<String>::new(),
+        "journal still dirty"
+    );
+    let log = dpkg_log(&f.node);
+    let configure_all = log
+        .iter()
+        .position(|l| l.contains("startup packages configure"))
+        .unwrap_or_else(|| panic!("no dpkg --configure -a in dpkg.log:\n{}", log.join("\n")));
+    let install = log
+        .iter()
+        .position(|l| l.contains(" install myapp:amd64 "))
+        .unwrap_or_else(|| panic!("myapp never installed:\n{}", log.join("\n")));
+    assert!(configure_all < install, "{}", log.join("\n"));
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    let state = f.node.state();
+    assert_eq!(versions(&state.installed), map(&[("myapp", "1.0")]));
+    assert_eq!(state.pending, None);
+}
+
+#[test]
+fn conffile_prompt() {
+    let mut f = fixture(&["myapp"], "");
+    // The postinst records anything it can read on stdin.
+    let read_stdin = "if IFS= read -r line; then printf '%s\\n' \"$line\" >> \"$DPKG_ROOT/postinst-read-stdin\"; fi";
+    f.publish(&[pkg("myapp", "1.0")
+        .conffile("setting = 1.0\n")
+        .postinst(read_stdin)]);
+    assert_ok(&f.once(), "installed myapp 1.0");
+    let conf = f.root().join("etc/myapp/myapp.conf");
+    assert_eq!(
+        std::fs::read_to_string(&conf).expect("conffile"),
+        "setting = 1.0\n"
+    );
+
+    // The operator edits the conffile; 1.1 ships a different one. dpkg
+    // would ask; "Y" (take the maintainer's version) waits on the agent's
+    // stdin, which stays open.
+    std::fs::write(&conf, "setting = local\n").expect("edit conffile");
+    f.publish(&[pkg("myapp", "1.1")
+        .conffile("setting = 1.1\n")
+        .postinst(read_stdin)]);
+    let out =
+        Running::start_with_stdin(f.node.command(&["once"]), Some(b"Y\nY\nY\nY\n")).finish(LIMIT);
+    assert_ok(&out, "installed myapp 1.1");
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.1"));
+    assert_eq!(
+        std::fs::read_to_string(&conf).expect("conffile"),
+        "setting = local\n",
+        "the local conffile was replaced"
+    );
+    assert_eq!(
+        std::fs::read_to_string(f.root().join("etc/myapp/myapp.conf.dpkg-dist"))
+            .expect("dpkg kept the new conffile as .dpkg-dist (so it did see the conflict)"),
+        "setting = 1.1\n"
+    );
+    assert!(
+        !f.root().join("postinst-read-stdin").exists(),
+        "a maintainer script read the agent's stdin: {:?}",
+        std::fs::read_to_string(f.root().join("postinst-read-stdin"))
+    );
+    let state = f.node.state();
+    assert_eq!(versions(&state.installed), map(&[("myapp", "1.1")]));
+}
+
+#[test]
+fn disk_full() {
+    let mut f = fixture(&["myapp"], "");
+    f.publish(&[pkg("myapp", "1.0")]);
+    assert_ok(&f.once(), "installed myapp 1.0");
+    let before = f.node.state();
+    let dpkg_before = dpkg_log(&f.node);
+
+    // 1.1 unpacks to 1 PiB (Installed-Size): the install root cannot hold it.
+    f.publish(&[pkg("myapp", "1.1").installed_size_kib(1 << 40)]);
+    let out = f.once();
+    let line = assert_failed(&out, 70, &["not enough space in", "bytes needed"]);
+    assert!(
+        line.contains(&f.root().display().to_string()),
+        "the error names the install root: {line}"
+    );
+    assert_eq!(
+        cached_debs(&f.node),
+        ["myapp_1.0_amd64.deb"],
+        "downloaded before the space check"
+    );
+
+    // 1.2's .deb is declared 1 PiB long (Size in the signed index): checked
+    // before the download, so this is "no space", not a size mismatch.
+    f.publish(&[pkg("myapp", "1.2")]);
+    let packages: Vec<String> = f
+        .repo
+        .packages_text()
+        .split("\n\n")
+        .map(|paragraph| {
+            if paragraph.contains("\nVersion: 1.2\n") {
+                paragraph
+                    .lines()
+                    .map(|l| match l.starts_with("Size: ") {
+                        true => format!("Size: {}", 1u64 << 50),
+                        false => l.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    + "\n"
+            } else {
+                paragraph.to_string()
+            }
+        })
+        .collect();
+    let lines = f.repo.write_indexes(&packages.join("\n\n"), false);
+    f.repo.write_signed(
+        &f.key,
+        &HandRepo::release_text(&ReleaseFields::default(), &lines),
+    );
+    let out = f.once();
+    let line = assert_failed(&out, 70, &["not enough space in", "bytes needed"]);
+    assert!(
+        line.contains(&f.cache_dir().display().to_string()),
+        "the error names the cache: {line}"
+    );
+    assert_eq!(
+        f.node.cache_files(),
+        ["myapp_1.0_amd64.deb"],
+        "downloaded (or left a partial file) before the space check"
+    );
+
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    assert_eq!(dpkg_log(&f.node), dpkg_before, "dpkg ran");
+    let after = f.node.state();
+    assert_eq!(after.installed, before.installed);
+    assert_eq!(after.release, before.release, "accepted Release moved");
+    assert_eq!(after.pending, None);
+    assert!(
+        after.bad.is_empty(),
+        "no space is not a bad version: {:?}",
+        after.bad
+    );
+    assert!(
+        after
+            .last_error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("not enough space")),
+        "{:?}",
+        after.last_error
+    );
+}
+
+// ---- killed_mid_install: SIGKILL of the agent (and its process group) --------
+
+/// A file:// node with myapp 1.0 installed and committed.
+fn installed_1_0(health: &str) -> Fixture {
+    let mut f = fixture(&["myapp"], health);
+    f.publish(&[pkg("myapp", "1.0")]);
+    assert_ok(&f.once(), "installed myapp 1.0");
+    f
+}
+
+/// After recovery: 1.1 installed and committed, 1.0 kept as last known
+/// good, nothing pending or bad, the cache holding exactly those two.
+#[track_caller]
+fn assert_converged_on_1_1(f: &Fixture, out: &Output) {
+    assert_ok(out, "installed myapp 1.1");
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.1"));
+    let state = f.node.state();
+    assert_eq!(versions(&state.installed), map(&[("myapp", "1.1")]));
+    assert_eq!(versions(&state.last_known_good), map(&[("myapp", "1.0")]));
+    assert_eq!(state.pending, None);
+    assert!(state.bad.is_empty(), "{:?}", state.bad);
+    let repo_deb = std::fs::read(f.repo.path("pool/main/myapp_1.1_amd64.deb")).expect("pool deb");
+    assert_eq!(
+        state.installed["myapp"].sha256.as_deref(),
+        Some(sha256_hex(&repo_deb).as_str())
+    );
+    assert_eq!(
+        f.node.cache_files(),
+        ["myapp_1.0_amd64.deb", "myapp_1.1_amd64.deb"]
+    );
+}
+
+/// Kills the agent while 1.1's maintainer script `script` runs, then
+/// starts it again.
+fn killed_during_script(script: &str) {
+    let mut f = installed_1_0("");
+    let marker = format!("myapp-{script}-started");
+    let p = pkg("myapp", "1.1");
+    let p = match script {
+        "preinst" => p.preinst(&hold_at(&marker)),
+        _ => p.postinst(&hold_at(&marker)),
+    };
+    f.publish(&[p]);
+    std::fs::write(f.root().join("hold"), "").expect("hold");
+    let mut agent = Running::start(f.node.command(&["once"]));
+    let marker = f.root().join(marker);
+    wait_for(&format!("1.1's {script}"), LIMIT, || marker.exists());
+    // The intent is on disk before dpkg runs.
+    let mid = f.node.state();
+    assert_eq!(pending_target(&mid).as_deref(), Some("1.1"), "{mid:?}");
+    agent.kill();
+    std::fs::remove_file(f.root().join("hold")).expect("unhold");
+    assert_ne!(f.node.installed("myapp").as_deref(), Some("1.1"));
+    assert!(!journal(&f.node).is_empty(), "dpkg was not interrupted");
+    let killed = f.node.state();
+    assert_eq!(versions(&killed.installed), map(&[("myapp", "1.0")]));
+
+    let out = f.once();
+    assert!(
+        stderr(&out).contains("finishing an install interrupted by a restart"),
+        "{}",
+        stderr(&out)
+    );
+    assert_converged_on_1_1(&f, &out);
+    assert_eq!(journal(&f.node), Vec::<String>::new());
+}
+
+#[test]
+fn killed_mid_install_unpack() {
+    killed_during_script("preinst");
+}
+
+#[test]
+fn killed_mid_install_configure() {
+    killed_during_script("postinst");
+}
+
+/// SIGKILL of the agent alone (the OOM killer, `kill -9 PID`): its dpkg
+/// lives on, still in 1.1's postinst and holding dpkg's database lock, when
+/// the agent starts again.
+#[test]
+fn killed_mid_install_configure_agent_only() {
+    let mut f = installed_1_0("");
+    f.publish(&[pkg("myapp", "1.1").postinst(&hold_at("myapp-postinst-started"))]);
+    std::fs::write(f.root().join("hold"), "").expect("hold");
+    let mut agent = Running::start(f.node.command(&["once"]));
+    let group = GroupGuard(agent.pid() as i32);
+    let marker = f.root().join("myapp-postinst-started");
+    wait_for("1.1's postinst", LIMIT, || marker.exists());
+    // SAFETY: kill(2) on our own unreaped child only, not its group.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+    let _ = agent.wait(LIMIT);
+    assert!(group.alive(), "dpkg did not outlive the agent");
+
+    // The orphan still holds dpkg's lock: wait, then defer; nothing bad.
+    let out = f.once();
+    let state = f.node.state();
+    assert!(state.bad.is_empty(), "{:?}\n{}", state.bad, stderr(&out));
+    assert_eq!(
+        pending_target(&state).as_deref(),
+        Some("1.1"),
+        "the install is still owed"
+    );
+    assert_failed(&out, 75, &["deferred", "lock"]);
+
+    // The orphan finishes; the next start converges.
+    std::fs::remove_file(f.root().join("hold")).expect("unhold");
+    wait_for("the orphaned dpkg to exit", LIMIT, || !group.alive());
+    let out = f.once();
+    assert_converged_on_1_1(&f, &out);
+}
+
+/// Kills what is left of a process group on drop.
+struct GroupGuard(i32);
+
+impl GroupGuard {
+    fn alive(&self) -> bool {
+        // SAFETY: kill(2) with signal 0 only checks that the group exists.
+        unsafe { libc::kill(-self.0, 0) == 0 }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on a process group this test started.
+        unsafe { libc::kill(-self.0, libc::SIGKILL) };
+    }
+}
+
+/// The bucket the S3 stand-in serves.
+const BUCKET: &str = "acme-apt";
+
+/// A minimal S3 (path-style GetObject, ETag, If-None-Match, NoSuchKey)
+/// serving a directory; on request it stalls .deb bodies half-way.
+struct S3Stub {
+    endpoint: String,
+    stall_debs: Arc<AtomicBool>,
+    stalled: mpsc::Receiver<String>,
+    stop: Arc<AtomicBool>,
+    addr: SocketAddr,
+}
+
+impl S3Stub {
+    fn start(dir: PathBuf) -> S3Stub {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind S3 stub");
+        let addr = listener.local_addr().expect("S3 stub addr");
+        let stall_debs = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, stalled) = mpsc::channel();
+        {
+            let stall = stall_debs.clone();
+            let stop = stop.clone();
+            thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let (dir, stall, tx) = (dir.clone(), stall.clone(), tx.clone());
+                    thread::spawn(move || serve_s3(stream, &dir, &stall, &tx));
+                }
+            });
+        }
+        S3Stub {
+            endpoint: format!("http://{addr}"),
+            stall_debs,
+            stalled,
+            stop,
+            addr,
+        }
+    }
+}
+
+impl Drop for S3Stub {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn serve_s3(mut stream: TcpStream, dir: &Path, stall: &AtomicBool, stalled: &mpsc::Sender<String>) {
+    let Some(head) = read_head(&mut stream) else {
+        return;
+    };
+    let target = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("/");
+    let path = target.split('?').next().unwrap_or_default();
+    let if_none_match = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("if-none-match")
+            .then(|| value.trim().to_string())
+    });
+    let found = path
+        .strip_prefix(&format!("/{BUCKET}/"))
+        .map(percent_decode)
+        .filter(|key| !key.split('/').any(|part| part == ".."))
+        .and_then(|key| std::fs::read(dir.join(&key)).ok().map(|body| (key, body)));
+    let Some((key, body)) = found else {
+        let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>NoSuchKey</Code>\
+                   <Message>The specified key does not exist.</Message></Error>";
+        let _ = stream.write_all(
+            format!(
+                "HTTP/1.1 404 Not Found\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{xml}",
+                xml.len()
+            )
+            .as_bytes(),
+        );
+        return;
+    };
+    let etag = format!("\"{}\"", &sha256_hex(&body)[..32]);
+    if if_none_match.as_deref() == Some(etag.as_str()) {
+        let _ = stream.write_all(
+            format!("HTTP/1.1 304 Not Modified\r\nETag: {etag}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        return;
+    }
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\
+         ETag: {etag}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if stall.load(Ordering::SeqCst) && key.ends_with(".deb") {
+        let _ = stream.write_all(head.as_bytes());
+        let _ = stream.write_all(&body[..body.len() / 2]);
+        let _ = stream.flush();
+        let _ = stalled.send(key);
+        // Nothing more until the client goes away (or LIMIT passes).
+        let mut sink = [0u8; 256];
+        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+        return;
+    }
+    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(&body);
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(byte) = text
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(byte);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn killed_mid_install_download() {
+    // Over S3 (a stand-in that can stall a body half-way), the only way to
+    // hold the agent inside a download.
+    let key = GpgKey::generate("Acme Repository <repo@acme.test>");
+    let repo = HandRepo::new();
+    let s3 = S3Stub::start(repo.dir.path().to_path_buf());
+    let node = Node::new(
+        &format!(
+            "url = \"s3://{BUCKET}\"\nendpoint = {:?}\nregion = \"us-east-1\"",
+            s3.endpoint
+        ),
+        &key.public_key,
+        &["myapp"],
+        "",
+    )
+    .with_env(vec![
+        ("AWS_ACCESS_KEY_ID".into(), "AKIDINSTALLSAFETY".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), "not-a-secret".into()),
+        ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+    ]);
+    configure(&node, "install", "lock_timeout = \"1s\"");
+    let mut f = Fixture {
+        key,
+        repo,
+        debs: tempfile::tempdir().expect("debs tempdir"),
+        node,
+    };
+    f.publish(&[pkg("myapp", "1.0")]);
+    assert_ok(&f.once(), "installed myapp 1.0");
+    let before = f.node.state();
+
+    f.publish(&[pkg("myapp", "1.1").payload(256 * 1024)]);
+    s3.stall_debs.store(true, Ordering::SeqCst);
+    let mut agent = Running::start(f.node.command(&["once"]));
+    let stalled = s3.stalled.recv_timeout(LIMIT).unwrap_or_else(|e| {
+        panic!(
+            "the agent never asked for the .deb ({e}):\n{}",
+            agent.log.join("\n")
+        )
+    });
+    assert_eq!(stalled, "pool/main/myapp_1.1_amd64.deb");
+    let partial = f.cache_dir().join("myapp_1.1_amd64.partial");
+    wait_for("half of the .deb in the cache", LIMIT, || {
+        std::fs::metadata(&partial).is_ok_and(|m| m.len() > 0)
+    });
+    agent.kill();
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    let killed = f.node.state();
+    assert_eq!(killed.installed, before.installed);
+    assert_eq!(killed.pending, None, "nothing is owed before dpkg");
+    assert_eq!(killed.release, before.release);
+
+    s3.stall_debs.store(false, Ordering::SeqCst);
+    let out = f.once();
+    assert_converged_on_1_1(&f, &out);
+}
+
+#[test]
+fn killed_mid_install_health_wait() {
+    let mut f = fixture(
+        &["myapp"],
+        "healthy_after = 2\nhealth_timeout = \"1s\"\ncheck_interval = \"50ms\"\n",
+    );
+    let (probed_tx, probed) = mpsc::channel();
+    let app = App::start(&f.node, move |version, nth| {
+        if version == "1.1" {
+            if nth == 0 {
+                let _ = probed_tx.send(());
+            }
+            500
+        } else {
+            200
+        }
+    });
+    f.publish(&[pkg("myapp", "1.0")]);
+    assert_ok(&f.once(), "installed myapp 1.0");
+
+    f.publish(&[pkg("myapp", "1.1")]);
+    let mut agent = Running::start(f.node.command(&["once"]));
+    probed
+        .recv_timeout(LIMIT)
+        .unwrap_or_else(|e| panic!("1.1 was never probed ({e}):\n{}", agent.log.join("\n")));
+    agent.kill();
+    // dpkg finished; the commit did not happen.
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.1"));
+    let killed = f.node.state();
+    assert_eq!(versions(&killed.installed), map(&[("myapp", "1.0")]));
+    assert_eq!(pending_target(&killed).as_deref(), Some("1.1"));
+
+    // 1.1 is still sick: the restart must gate it again and roll back, not
+    // commit what dpkg happens to have.
+    let out = f.once();
+    assert_failed(
+        &out,
+        70,
+        &[
+            "myapp 1.1 did not become healthy",
+            "rolled back to myapp 1.0",
+        ],
+    );
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    let state = f.node.state();
+    assert_eq!(versions(&state.installed), map(&[("myapp", "1.0")]));
+    assert_eq!(state.bad, bad(&[("myapp", &["1.1"])]));
+    assert_eq!(state.pending, None);
+    for probe in app.probes_of("1.1") {
+        assert_eq!(probe.committed.as_deref(), Some("1.0"), "{probe:?}");
+    }
+}
+
+#[test]
+fn killed_mid_install_state_write() {
+    let mut f = fixture(
+        &["myapp"],
+        "healthy_after = 2\nhealth_timeout = \"5s\"\ncheck_interval = \"50ms\"\n",
+    );
+    // On 1.1's last needed good probe, a FIFO takes the place of the next
+    // state temp file (`.state.json.tmp.<pid>`): the commit's write blocks
+    // in open(2) until the agent is killed.
+    let agent_pid = Arc::new(AtomicU32::new(0));
+    let state_dir = f.state_dir();
+    let trap_set = Arc::new(AtomicBool::new(false));
+    let _app = {
+        let (agent_pid, trap_set) = (agent_pid.clone(), trap_set.clone());
+        App::start(&f.node, move |version, nth| {
+            let pid = agent_pid.load(Ordering::SeqCst);
+            if version == "1.1" && nth == 1 && pid != 0 {
+                let fifo = state_dir.join(format!(".state.json.tmp.{pid}"));
+                let path = std::ffi::CString::new(fifo.to_string_lossy().as_bytes()).expect("path");
+                // SAFETY: mkfifo(3) with a valid C string.
+                if unsafe { libc::mkfifo(path.as_ptr(), 0o600) } == 0 {
+                    trap_set.store(true, Ordering::SeqCst);
+                }
+            }
+            200
+        })
+    };
+    f.publish(&[pkg("myapp", "1.0")]);
+    assert_ok(&f.once(), "installed myapp 1.0");
+
+    f.publish(&[pkg("myapp", "1.1")]);
+    let mut agent = Running::start(f.node.command(&["once"]));
+    agent_pid.store(agent.pid(), Ordering::SeqCst);
+    agent.wait_for_line("installed and healthy package=myapp", LIMIT);
+    assert!(trap_set.load(Ordering::SeqCst), "the FIFO was not set");
+    agent.kill();
+    let fifo = f
+        .state_dir()
+        .join(format!(".state.json.tmp.{}", agent.pid()));
+    // What a kill mid-write leaves: a torn temp file beside the old state.
+    let old = std::fs::read_to_string(f.state_dir().join("state.json")).expect("state.json");
+    std::fs::remove_file(&fifo).expect("remove the FIFO");
+    std::fs::write(&fifo, &old[..old.len() / 2]).expect("torn temp file");
+    let killed = f.node.state();
+    assert_eq!(versions(&killed.installed), map(&[("myapp", "1.0")]));
+    assert_eq!(pending_target(&killed).as_deref(), Some("1.1"));
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.1"));
+
+    let out = f.once();
+    assert_converged_on_1_1(&f, &out);
+}
+
+#[test]
+fn killed_mid_install_cache_tampered_before_restart() {
+    let mut f = installed_1_0("");
+    f.publish(&[pkg("myapp", "1.1").postinst(&hold_at("myapp-postinst-started"))]);
+    std::fs::write(f.root().join("hold"), "").expect("hold");
+    let mut agent = Running::start(f.node.command(&["once"]));
+    let marker = f.root().join("myapp-postinst-started");
+    wait_for("1.1's postinst", LIMIT, || marker.exists());
+    agent.kill();
+    std::fs::remove_file(f.root().join("hold")).expect("unhold");
+
+    // While the agent is down, the cached 1.1 is swapped for another,
+    // valid, 1.1 that the repository never signed.
+    let evil_dir = tempfile::tempdir().expect("tempdir");
+    let evil = build(
+        evil_dir.path(),
+        &pkg("myapp", "1.1").extra_file("usr/share/myapp/evil", "not from the repository\n"),
+    );
+    std::fs::copy(&evil, f.cache_dir().join("myapp_1.1_amd64.deb")).expect("swap cached deb");
+
+    let out = f.once();
+    assert!(
+        !f.root().join("usr/share/myapp/evil").exists(),
+        "dpkg installed a cached .deb that no longer matches its SHA256\n{}",
+        stderr(&out)
+    );
+    // Verified again, and converged on the signed 1.1.
+    assert_converged_on_1_1(&f, &out);
+}
+
+#[test]
+fn postinst_fails() {
+    let mut f = installed_1_0("");
+    let before = f.node.state();
+    f.publish(&[pkg("myapp", "1.1").postinst("echo 'myapp 1.1 cannot start' >&2\nexit 1")]);
+    let out = f.once();
+    assert_failed(
+        &out,
+        70,
+        &["myapp 1.1 failed to install", "rolled back to myapp 1.0"],
+    );
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    assert_eq!(
+        std::fs::read_to_string(f.root().join("usr/share/myapp/VERSION")).expect("VERSION"),
+        "1.0\n"
+    );
+    // The cached 1.0 went back in over the half-configured 1.1.
+    let log = dpkg_log(&f.node);
+    assert!(
+        log.iter().any(|l| l.contains(" myapp:amd64 1.1 1.0")),
+        "no reinstall of 1.0 in dpkg.log:\n{}",
+        log.join("\n")
+    );
+    let state = f.node.state();
+    assert_eq!(state.installed, before.installed);
+    assert_eq!(state.bad, bad(&[("myapp", &["1.1"])]));
+    assert_eq!(state.pending, None);
+    assert_eq!(state.release, before.release, "accepted Release moved");
+    assert!(
+        state
+            .events
+            .iter()
+            .any(|e| e.message.contains("rolled back")),
+        "{:?}",
+        state.events
+    );
+}
+
+#[test]
+fn unhealthy_after_install() {
+    let mut f = fixture(
+        &["myapp"],
+        "healthy_after = 2\nhealth_timeout = \"1s\"\ncheck_interval = \"100ms\"\n",
+    );
+    let app = App::start(
+        &f.node,
+        |version, _| if version == "1.1" { 500 } else { 200 },
+    );
+    f.publish(&[pkg("myapp", "1.0")]);
+    assert_ok(&f.once(), "installed myapp 1.0");
+    let before = f.node.state();
+
+    f.publish(&[pkg("myapp", "1.1")]);
+    let out = f.once();
+    assert_failed(
+        &out,
+        70,
+        &[
+            "myapp 1.1 did not become healthy",
+            "rolled back to myapp 1.0",
+        ],
+    );
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    let sick = app.probes_of("1.1");
+    assert!(
+        sick.len() >= 5,
+        "gave up on 1.1 after {} probes, before health_timeout",
+        sick.len()
+    );
+    // The restored version passed the gate again.
+    let restored = app.probes_of("1.0");
+    assert!(
+        restored.iter().any(|p| p.at > sick[sick.len() - 1].at),
+        "1.0 was not probed after the rollback"
+    );
+    let state = f.node.state();
+    assert_eq!(state.installed, before.installed);
+    assert_eq!(state.bad, bad(&[("myapp", &["1.1"])]));
+    assert_eq!(state.pending, None);
+    assert_eq!(state.release, before.release);
+}
+
+#[test]
+fn unmet_depends() {
+    let mut f = installed_1_0("");
+    // On the node: libbar, and a libfoo that is too old.
+    let hand = tempfile::tempdir().expect("tempdir");
+    for p in [pkg("libbar", "1.0"), pkg("libfoo", "1.0")] {
+        f.node.root.dpkg_install(&build(hand.path(), &p));
+    }
+    let before = f.node.state();
+    let dpkg_before = dpkg_log(&f.node);
+
+    f.publish(&[pkg("myapp", "1.1").depends("libfoo (>= 2), libbar, libqux | libquux")]);
+    let out = f.once();
+    let line = assert_failed(&out, 70, &["myapp 1.1", "unmet dependencies"]);
+    assert!(
+        line.ends_with("not installed: libfoo (>= 2), libqux | libquux"),
+        "the missing names, and only those: {line}"
+    );
+    assert_eq!(dpkg_log(&f.node), dpkg_before, "dpkg ran");
+    assert_eq!(cached_debs(&f.node), ["myapp_1.0_amd64.deb"], "downloaded");
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    let after = f.node.state();
+    assert_eq!(after.installed, before.installed);
+    assert_eq!(after.release, before.release);
+    assert_eq!(after.pending, None);
+    assert!(
+        after.bad.is_empty(),
+        "missing Depends is not a bad version: {:?}",
+        after.bad
+    );
+
+    // Once the node has them, the same version installs.
+    for p in [pkg("libfoo", "2.0"), pkg("libquux", "1.0")] {
+        f.node.root.dpkg_install(&build(hand.path(), &p));
+    }
+    assert_ok(&f.once(), "installed myapp 1.1");
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.1"));
+}
+
+#[test]
+fn report_fails_after_commit() {
+    // The report of a commit is state.json (what `status` and the next
+    // start read; DESIGN.md "report"). Here it cannot be written once 1.1
+    // is installed and healthy: a directory takes the place of the temp
+    // file the agent writes (`.state.json.tmp.<pid>`).
+    let mut f = fixture(
+        &["myapp"],
+        "healthy_after = 2\nhealth_timeout = \"5s\"\ncheck_interval = \"50ms\"\n",
+    );
+    let agent_pid = Arc::new(AtomicU32::new(0));
+    let state_dir = f.state_dir();
+    let _app = {
+        let agent_pid = agent_pid.clone();
+        App::start(&f.node, move |version, nth| {
+            let pid = agent_pid.load(Ordering::SeqCst);
+            if version == "1.1" && nth == 1 && pid != 0 {
+                let _ = std::fs::create_dir(state_dir.join(format!(".state.json.tmp.{pid}")));
+            }
+            200
+        })
+    };
+    f.publish(&[pkg("myapp", "1.0")]);
+    assert_ok(&f.once(), "installed myapp 1.0");
+
+    f.publish(&[pkg("myapp", "1.1")]);
+    let agent = Running::start(f.node.command(&["once"]));
+    agent_pid.store(agent.pid(), Ordering::SeqCst);
+    let blocker = f
+        .state_dir()
+        .join(format!(".state.json.tmp.{}", agent.pid()));
+    let out = agent.finish(LIMIT);
+    assert!(blocker.is_dir(), "the state write was not blocked");
+    assert_failed(&out, 74, &["cannot write state"]);
+    // The install is kept: not rolled back, not marked bad, still owed.
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.1"));
+    let log = dpkg_log(&f.node);
+    assert!(
+        !log.iter().any(|l| l.contains(" myapp:amd64 1.1 1.0")),
+        "rolled back:\n{}",
+        log.join("\n")
+    );
+    let state = f.node.state();
+    assert!(state.bad.is_empty(), "{:?}", state.bad);
+    assert_eq!(pending_target(&state).as_deref(), Some("1.1"));
+
+    // The state directory is writable again: the report is retried.
+    std::fs::remove_dir(&blocker).expect("unblock");
+    let out = f.once();
+    assert_ok(&out, "installed myapp 1.1");
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.1"));
+    let state = f.node.state();
+    assert_eq!(versions(&state.installed), map(&[("myapp", "1.1")]));
+    assert_eq!(versions(&state.last_known_good), map(&[("myapp", "1.0")]));
+    assert_eq!(state.pending, None);
+    assert!(state.bad.is_empty(), "{:?}", state.bad);
+}
+
+// ---- The health gate, bad versions, draining, the cache -------------------------
+
+#[test]
+fn health_gated_commit() {
+    let mut f = fixture(
+        &["myapp"],
+        "healthy_after = 3\nhealth_timeout = \"1s\"\ncheck_interval = \"50ms\"\n",
+    );
+    // 1.1 flaps before it settles; 1.2 never answers three times in a row.
+    const FLAPPING: [u16; 8] = [200, 500, 200, 200, 500, 200, 200, 200];
+    let app = App::start(&f.node, |version, nth| match version {
+        "1.1" => FLAPPING.get(nth).copied().unwrap_or(200),
+        "1.2" if nth % 3 == 2 => 500,
+        _ => 200,
+    });
+    f.publish(&[pkg("myapp", "1.0")]);
+    assert_ok(&f.once(), "installed myapp 1.0");
+
+    f.publish(&[pkg("myapp", "1.1")]);
+    assert_ok(&f.once(), "installed myapp 1.1");
+    let probes = app.probes_of("1.1");
+    let statuses: Vec<u16> = probes.iter().map(|p| p.status).collect();
+    assert_eq!(
+        statuses, FLAPPING,
+        "committed only at the third good probe in a row, and not probed after"
+    );
+    for probe in &probes {
+        assert_eq!(
+            (probe.committed.as_deref(), probe.pending.as_deref()),
+            (Some("1.0"), Some("1.1")),
+            "state during the gate: {probe:?}"
+        );
+    }
+    let state = f.node.state();
+    assert_eq!(versions(&state.installed), map(&[("myapp", "1.1")]));
+    assert_eq!(versions(&state.last_known_good), map(&[("myapp", "1.0")]));
+
+    f.publish(&[pkg("myapp", "1.2")]);
+    let out = f.once();
+    assert_failed(
+        &out,
+        70,
+        &[
+            "myapp 1.2 did not become healthy",
+            "rolled back to myapp 1.1",
+        ],
+    );
+    let probes = app.probes_of("1.2");
+    let span = probes[probes.len() - 1]
+        .at
+        .duration_since(probes[0].at)
+        .unwrap_or_default();
+    assert!(
+        probes.len() >= 5 && span >= Duration::from_millis(800),
+        "gave up early: {} probes over {span:?}",
+        probes.len()
+    );
+    assert!(
+        span <= Duration::from_millis(1500),
+        "probed past health_timeout: {span:?}"
+    );
+    assert!(probes.iter().all(|p| p.committed.as_deref() == Some("1.1")));
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.1"));
+    let state = f.node.state();
+    assert_eq!(versions(&state.installed), map(&[("myapp", "1.1")]));
+    assert_eq!(state.bad, bad(&[("myapp", &["1.2"])]));
+}
+
+#[test]
+fn bad_version_not_retried_until_newer() {
+    let mut f = installed_1_0("");
+    f.publish(&[pkg("myapp", "1.1").postinst("exit 1")]);
+    assert_failed(
+        &f.once(),
+        70,
+        &["myapp 1.1 failed to install", "rolled back to myapp 1.0"],
+    );
+    let dpkg_before = dpkg_log(&f.node);
+
+    // The same repository, then a re-signed Release still offering 1.1:
+    // dpkg does not run again.
+    for republish in [false, true] {
+        if republish {
+            f.repo.publish(&f.key, &ReleaseFields::default());
+        }
+        let out = f.once();
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(!stderr(&out).contains("installing"), "{}", stderr(&out));
+        assert_eq!(dpkg_log(&f.node), dpkg_before, "1.1 was tried again");
+        assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    }
+
+    // A newer version is tried.
+    f.publish(&[pkg("myapp", "1.2")]);
+    assert_ok(&f.once(), "installed myapp 1.2");
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.2"));
+    let state = f.node.state();
+    assert_eq!(versions(&state.installed), map(&[("myapp", "1.2")]));
+    assert_eq!(versions(&state.last_known_good), map(&[("myapp", "1.0")]));
+    assert_eq!(state.bad, bad(&[("myapp", &["1.1"])]));
+}
+
+/// One GET /healthz by the load balancer stand-in.
+struct Poll {
+    start: SystemTime,
+    end: SystemTime,
+    status: u16,
+    body: String,
+}
+
+#[test]
+fn healthz_drains_before_dpkg_and_returns_after_healthy() {
+    let drain = Duration::from_secs(1);
+    let mut f = fixture(
+        &["myapp"],
+        "healthy_after = 2\nhealth_timeout = \"3s\"\ncheck_interval = \"100ms\"\ndrain = \"1s\"\n",
+    );
+    // 1.1 starts slowly: three failed probes, then healthy.
+    let app = App::start(&f.node, |version, nth| match version {
+        "1.1" if nth < 3 => 500,
+        _ => 200,
+    });
+    f.publish(&[pkg("myapp", "1.0")]);
+    let mut daemon = Running::start(f.node.command(&["run"]));
+    let port = daemon.health_port();
+    daemon.wait_for_line("installed and healthy package=myapp", LIMIT);
+    wait_for("/healthz 200 on 1.0", LIMIT, || healthz(port).0 == 200);
+
+    // The load balancer stand-in polls until it sees 1.1 ready.
+    let poller = thread::spawn(move || {
+        let mut polls = Vec::new();
+        let deadline = Instant::now() + LIMIT;
+        while Instant::now() < deadline {
+            let start = SystemTime::now();
+            let (status, body) = healthz(port);
+            let ready_on_1_1 = status == 200 && body.contains("\"myapp\": \"1.1\"");
+            polls.push(Poll {
+                start,
+                end: SystemTime::now(),
+                status,
+                body,
+            });
+            if ready_on_1_1 {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        polls
+    });
+    let published = SystemTime::now();
+    f.publish(&[pkg("myapp", "1.1").preinst("date +%s.%N > \"$DPKG_ROOT/preinst-at\"")]);
+    let line = daemon.wait_for_line("installed and healthy package=myapp", LIMIT);
+    assert!(line.ends_with("to=1.1"), "{line}");
+    let polls = poller.join().expect("poller");
+    daemon.terminate();
+    let out = daemon.finish(LIMIT);
+    assert!(out.status.success(), "daemon exit: {:?}", out.status);
+
+    let preinst_at = {
+        let text = std::fs::read_to_string(f.root().join("preinst-at")).expect("preinst-at");
+        let (secs, nanos) = text.trim().split_once('.').expect("date +%s.%N");
+        UNIX_EPOCH + Duration::new(secs.parse().expect("secs"), nanos.parse().expect("nanos"))
+    };
+    let gate = app.probes_of("1.1");
+    assert!(gate.len() >= 5, "{gate:?}");
+    let healthy_at = gate[4].at; // 3 failures, then healthy_after = 2 good probes
+
+    let first_drain = polls
+        .iter()
+        .position(|p| p.start > published && p.status == 503)
+        .expect("/healthz never answered 503 around the upgrade");
+    assert!(
+        polls[..first_drain]
+            .iter()
+            .filter(|p| p.start > published)
+            .all(|p| p.status == 200),
+        "not ready before the drain"
+    );
+    let drained_at = polls[first_drain].end;
+    let lead = preinst_at
+        .duration_since(drained_at)
+        .unwrap_or_else(|_| panic!("dpkg started before /healthz answered 503"));
+    assert!(
+        lead >= drain - Duration::from_millis(200),
+        "503 for only {lead:?} before dpkg started (drain = {drain:?})"
+    );
+    let during: Vec<&Poll> = polls
+        .iter()
+        .filter(|p| p.start >= drained_at && p.end <= healthy_at)
+        .collect();
+    for poll in &during {
+        assert!(
+            poll.status == 503 && poll.body.contains("draining"),
+            "answered {} before 1.1 was healthy: {}",
+            poll.status,
+            poll.body
+        );
+    }
+    assert!(
+        during.iter().filter(|p| p.start >= preinst_at).count() >= 3,
+        "too few polls during dpkg and the gate to tell"
+    );
+    let first_ready = polls[first_drain..]
+        .iter()
+        .find(|p| p.status == 200)
+        .expect("/healthz never answered 200 again");
+    assert!(
+        first_ready.body.contains("\"myapp\": \"1.1\""),
+        "{}",
+        first_ready.body
+    );
+}
+
+#[test]
+fn healthz_503_without_healthy_version() {
+    let mut f = fixture(
+        &["myapp"],
+        "healthy_after = 2\nhealth_timeout = \"500ms\"\ncheck_interval = \"50ms\"\n",
+    );
+    let app_healthy = Arc::new(AtomicBool::new(false));
+    let _app = {
+        let app_healthy = app_healthy.clone();
+        App::start(&f.node, move |version, _| {
+            if version == "1.1" || app_healthy.load(Ordering::SeqCst) {
+                200
+            } else {
+                500
+            }
+        })
+    };
+    f.publish(&[pkg("myapp", "1.0")]);
+    let mut daemon = Running::start(f.node.command(&["run"]));
+    let port = daemon.health_port();
+    let (status, body) = healthz(port);
+    assert_eq!(status, 503, "{body}");
+
+    // 1.0 never becomes healthy and there is nothing to roll back to.
+    let line = daemon.wait_for_line("cycle failed", LIMIT);
+    assert!(
+        line.contains("no earlier version to roll back to"),
+        "{line}"
+    );
+    // Later the app answers 200, but 1.0 never passed the gate.
+    app_healthy.store(true, Ordering::SeqCst);
+    daemon.wait_for_line("outcome=up to date", LIMIT);
+    let (status, body) = healthz(port);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not installed: myapp"), "{body}");
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    let state = f.node.state();
+    assert!(state.installed.is_empty(), "{:?}", state.installed);
+    assert_eq!(state.bad, bad(&[("myapp", &["1.0"])]));
+
+    // A healthy version makes it ready.
+    f.publish(&[pkg("myapp", "1.1")]);
+    daemon.wait_for_line("installed and healthy package=myapp", LIMIT);
+    let (status, body) = healthz(port);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"myapp\": \"1.1\""), "{body}");
+    daemon.terminate();
+    let out = daemon.finish(LIMIT);
+    assert!(out.status.success(), "daemon exit: {:?}", out.status);
+}
+
+#[test]
+fn cache_keeps_current_and_last_known_good() {
+    let mut f = fixture(&["myapp", "other"], "");
+    f.publish(&[pkg("myapp", "1.0"), pkg("other", "1.0")]);
+    assert_ok(&f.once(), "installed myapp 1.0, other 1.0");
+    assert_eq!(
+        f.node.cache_files(),
+        ["myapp_1.0_amd64.deb", "other_1.0_amd64.deb"]
+    );
+
+    f.publish(&[pkg("myapp", "1.1")]);
+    assert_ok(&f.once(), "installed myapp 1.1");
+    assert_eq!(
+        f.node.cache_files(),
+        [
+            "myapp_1.0_amd64.deb",
+            "myapp_1.1_amd64.deb",
+            "other_1.0_amd64.deb"
+        ]
+    );
+
+    // A stray file (say, a partial download of an old run) goes too.
+    std::fs::write(f.cache_dir().join("myapp_0.9_amd64.partial"), b"junk").expect("stray");
+    f.publish(&[pkg("myapp", "1.2"), pkg("other", "2.0")]);
+    assert_ok(&f.once(), "installed myapp 1.2, other 2.0");
+    let expected = [
+        "myapp_1.1_amd64.deb",
+        "myapp_1.2_amd64.deb",
+        "other_1.0_amd64.deb",
+        "other_2.0_amd64.deb",
+    ];
+    assert_eq!(f.node.cache_files(), expected);
+    let state = f.node.state();
+    assert_eq!(
+        versions(&state.last_known_good),
+        map(&[("myapp", "1.1"), ("other", "1.0")])
+    );
+    for (name, good) in &state.last_known_good {
+        let deb = good
+            .deb
+            .as_deref()
+            .unwrap_or_else(|| panic!("{name}: no cached deb"));
+        assert!(f.cache_dir().join(deb).is_file(), "{deb} not in the cache");
+    }
+
+    // A bad version is rolled back; its .deb is neither current nor last
+    // known good, so it does not stay.
+    f.publish(&[pkg("myapp", "1.3").postinst("exit 1")]);
+    assert_failed(&f.once(), 70, &["rolled back to myapp 1.2"]);
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.2"));
+    assert_eq!(f.node.cache_files(), expected, "the cache after a rollback");
+}
