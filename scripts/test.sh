@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what the tests need, then
 # formatting, lints, unit and integration tests against real servers
-# (moto, an IMDS emulator, gpg/aptly/reprepro repositories, dpkg sandboxes).
+# (moto, an IMDS emulator, s3s-fs, gpg/aptly/reprepro repositories, dpkg
+# sandboxes), and a short fuzz run when cargo-fuzz is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/deps.sh
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
-cargo test --locked -- --test-threads="${PULLDEPLOY_TEST_THREADS:-4}"
+
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --locked -- --test-threads="${PULLDEPLOY_TEST_THREADS:-4}" 2>&1 | tee "$log"
 
 # Coverage-guided fuzzing when cargo-fuzz is installed (issue: "a short
 # fuzz run in the test command when cargo-fuzz is available").
@@ -17,3 +21,7 @@ if cargo fuzz --version >/dev/null 2>&1; then
 else
   echo "cargo-fuzz not installed: skipping the fuzz run (cargo install cargo-fuzz)"
 fi
+
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
