@@ -30,6 +30,12 @@ pub enum Command {
     },
     /// Validate the config and the keyring; reaches nothing on the network.
     CheckConfig(ConfigArg),
+    /// Add .deb packages to a suite and publish it, signed (repository side).
+    Publish(PublishArgs),
+    /// Add the exact published .deb of PKG[=VER] in one suite to another.
+    Promote(PromoteArgs),
+    /// Sign a suite again with a new Date (and Valid-Until); same content.
+    Refresh(RefreshArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -37,4 +43,80 @@ pub struct ConfigArg {
     /// Path to the TOML configuration.
     #[arg(long, short = 'c', default_value = "/etc/pulldeploy/config.toml")]
     pub config: PathBuf,
+}
+
+/// Where and how a publisher writes (publish, promote, refresh).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RepoArgs {
+    /// The repository: s3://bucket[/prefix] or file:///absolute/dir.
+    #[arg(long, value_parser = crate::config::RepoUrl::parse)]
+    pub repo: crate::config::RepoUrl,
+    /// Any S3-compatible server (path-style requests).
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// AWS region; else from the environment or profile (us-east-1 with --endpoint).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// The component the packages go to.
+    #[arg(long, default_value = "main")]
+    pub component: String,
+    /// OpenPGP secret key file (armored or binary, no passphrase) that signs the suite.
+    #[arg(long)]
+    pub signing_key: PathBuf,
+    /// Write Valid-Until = Date + this (e.g. 7d); agents refuse the suite after it.
+    /// Default: the period the suite already has (none for a new suite).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub valid_for: Option<std::time::Duration>,
+    /// How long the suite's publish lock is held before others may break it.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub lock_ttl: std::time::Duration,
+    /// How long to wait for another publisher's lock before giving up (exit 75).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub lock_wait: std::time::Duration,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// The suite (dists/SUITE).
+    #[arg(long)]
+    pub suite: String,
+    /// Keep at most N versions of each package (per architecture); default: all.
+    #[arg(long)]
+    pub keep: Option<usize>,
+    /// An architecture the suite must have an index for (repeatable); needed
+    /// when only Architecture: all packages are published.
+    #[arg(long)]
+    pub architecture: Vec<String>,
+    /// The .deb files to add.
+    #[arg(required = true, value_name = "PKG.deb")]
+    pub debs: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct PromoteArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// The suite to take the packages from.
+    #[arg(long)]
+    pub from: String,
+    /// The suite to add them to.
+    #[arg(long)]
+    pub to: String,
+    /// Keep at most N versions of each package in the target suite; default: all.
+    #[arg(long)]
+    pub keep: Option<usize>,
+    /// PACKAGE (its newest version) or PACKAGE=VERSION.
+    #[arg(required = true, value_name = "PKG[=VER]")]
+    pub packages: Vec<String>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RefreshArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// The suite to sign again.
+    #[arg(long)]
+    pub suite: String,
 }

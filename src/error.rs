@@ -39,6 +39,10 @@ pub enum Error {
     Install(#[from] InstallError),
     #[error(transparent)]
     State(#[from] StateError),
+    /// Boxed: its variants carry several names and hashes, and every
+    /// `Result<_, Error>` of the agent would otherwise grow with them.
+    #[error(transparent)]
+    Publish(Box<PublishError>),
     #[error(
         "cycle deadline of {limit:?} passed before the repository was read; retried next cycle"
     )]
@@ -68,6 +72,7 @@ impl Error {
             Error::Install(_) => exit::SOFTWARE,
             Error::Deferred { .. } => exit::TEMPFAIL,
             Error::State(_) | Error::Runtime { .. } | Error::Signals { .. } => exit::IOERR,
+            Error::Publish(e) => e.exit_code(),
         }
     }
 }
@@ -317,4 +322,108 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+impl From<PublishError> for Error {
+    fn from(e: PublishError) -> Self {
+        Error::Publish(Box::new(e))
+    }
+}
+
+/// Publishing, promoting and refreshing a suite (`pulldeploy publish`,
+/// `promote`, `refresh`): the repository side.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{message}")]
+    Usage { message: String },
+    #[error("cannot read {path}: {source}")]
+    ReadDeb {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid Debian package: {reason}")]
+    InvalidDeb { path: PathBuf, reason: String },
+    /// `package` reads `name version (architecture)`.
+    #[error(
+        "{package} already exists in {url} with different bytes \
+         (published SHA256 {existing}, this one {new}); a version is immutable: bump the version"
+    )]
+    VersionExists {
+        package: String,
+        url: String,
+        existing: String,
+        new: String,
+    },
+    #[error("cannot read signing key {path}: {source}")]
+    ReadSigningKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("signing key {path} cannot sign: {reason}")]
+    SigningKey { path: PathBuf, reason: String },
+    #[error("signing with {fingerprint} failed: {reason}")]
+    Sign { fingerprint: String, reason: String },
+    #[error("reading {url} failed: {message}")]
+    StoreRead { url: String, message: String },
+    #[error("writing {url} failed: {message}")]
+    StoreWrite { url: String, message: String },
+    #[error("no AWS region for the repository: pass --region or set AWS_REGION")]
+    NoRegion,
+    #[error(
+        "{url} is locked by {owner} (since {acquired}, until {expires}); waited {waited:?}. \
+         The lock is broken once it expires (--lock-ttl of its holder)"
+    )]
+    Locked {
+        url: String,
+        owner: String,
+        acquired: String,
+        expires: String,
+        waited: std::time::Duration,
+    },
+    #[error("{url} changed under this publish on each of {attempts} attempts; nothing was flipped")]
+    Conflict { url: String, attempts: u32 },
+    #[error("the current suite cannot be built on: {url}: {reason}")]
+    CurrentSuite { url: String, reason: String },
+    #[error("verify before flip failed, InRelease not written: {reason}")]
+    VerifyBeforeFlip { reason: String },
+    #[error("{package}{} is not in suite {suite} ({url})", version.as_ref().map(|v| format!(" {v}")).unwrap_or_default())]
+    NotInSuite {
+        package: String,
+        version: Option<String>,
+        suite: String,
+        url: String,
+    },
+    #[error("suite {suite} has no published InRelease at {url}; nothing to refresh")]
+    NothingToRefresh { suite: String, url: String },
+    #[error(
+        "the Date of {url} ({date}) is more than a minute ahead of this clock ({now}); fix the clock"
+    )]
+    ClockBehind {
+        url: String,
+        date: String,
+        now: String,
+    },
+}
+
+impl PublishError {
+    /// The sysexits code for each failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            PublishError::Usage { .. }
+            | PublishError::SigningKey { .. }
+            | PublishError::ReadSigningKey { .. }
+            | PublishError::NoRegion => exit::USAGE,
+            PublishError::InvalidDeb { .. }
+            | PublishError::VersionExists { .. }
+            | PublishError::CurrentSuite { .. }
+            | PublishError::VerifyBeforeFlip { .. }
+            | PublishError::NotInSuite { .. }
+            | PublishError::NothingToRefresh { .. } => exit::DATAERR,
+            PublishError::StoreRead { .. } | PublishError::StoreWrite { .. } => exit::UNAVAILABLE,
+            PublishError::ReadDeb { .. }
+            | PublishError::Sign { .. }
+            | PublishError::ClockBehind { .. } => exit::IOERR,
+            PublishError::Locked { .. } | PublishError::Conflict { .. } => exit::TEMPFAIL,
+        }
+    }
 }

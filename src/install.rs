@@ -122,7 +122,7 @@ impl Dpkg {
             let lines = || stderr.lines().map(str::trim).filter(|l| !l.is_empty());
             let last = lines()
                 .find(|l| l.contains("error") && !l.starts_with("Errors were encountered"))
-                .or_else(|| lines().last())
+                .or_else(|| lines().next_back())
                 .unwrap_or_default();
             return Err(InstallError::Dpkg {
                 packages: what,

@@ -20,6 +20,7 @@
 //! - [`state`]: `state.json`, written atomically.
 //! - [`agent`]: one cycle, the only place that sequences the steps.
 //! - [`daemon`]: interval, jitter, health server, shutdown.
+//! - [`publish`]: the repository side: publish, promote, refresh (signed, atomic).
 
 pub mod agent;
 pub mod cli;
@@ -30,6 +31,7 @@ pub mod error;
 pub mod health;
 pub mod install;
 pub mod keyring;
+pub mod publish;
 pub mod repo;
 pub mod source;
 pub mod state;

@@ -31,16 +31,25 @@ fn main() -> ExitCode {
     }
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Runtime { source })
+}
+
 fn run(cli: Cli) -> Result<(), Error> {
+    use pulldeploy::publish;
     let config_path = match &cli.command {
         Command::Run(c) | Command::Once(c) | Command::CheckConfig(c) => &c.config,
         Command::Status { config, .. } => &config.config,
+        // The repository side has no config file.
+        Command::Publish(args) => return runtime()?.block_on(publish::publish(args.clone())),
+        Command::Promote(args) => return runtime()?.block_on(publish::promote(args.clone())),
+        Command::Refresh(args) => return runtime()?.block_on(publish::refresh(args.clone())),
     };
     let config = Config::from_file(config_path)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| Error::Runtime { source })?;
+    let runtime = runtime()?;
     match cli.command {
         Command::Run(_) => runtime.block_on(async {
             tracing::info!(version = env!("CARGO_PKG_VERSION"), repository = %config.repository.url, suite = %config.repository.suite, "pulldeploy starting");
@@ -49,5 +58,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Once(_) => runtime.block_on(pulldeploy::commands::once(config)),
         Command::Status { json, .. } => pulldeploy::commands::status(&config, json),
         Command::CheckConfig(_) => pulldeploy::commands::check_config(&config),
+        // Returned above, before any config is read.
+        Command::Publish(_) | Command::Promote(_) | Command::Refresh(_) => Ok(()),
     }
 }
