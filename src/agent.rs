@@ -134,6 +134,13 @@ impl Agent {
         &self.config
     }
 
+    /// When the first pinned signing key expires, if one does.
+    pub fn signing_key_expiry(&self) -> Option<DateTime<Utc>> {
+        self.keyring
+            .signing_key_expiry(SystemTime::now())
+            .map(DateTime::<Utc>::from)
+    }
+
     fn wanted(&self) -> Vec<&str> {
         self.config
             .agent

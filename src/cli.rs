@@ -10,8 +10,18 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "pulldeploy", version, about)]
 pub struct Cli {
+    /// Log format on stderr: text (timestamps left out under journald,
+    /// which adds its own) or json (one object per line).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -36,6 +46,13 @@ pub enum Command {
     Promote(PromoteArgs),
     /// Sign a suite again with a new Date (and Valid-Until); same content.
     Refresh(RefreshArgs),
+    /// Print a shell completion script (for packaging).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, roff (for packaging).
+    Manpage,
 }
 
 #[derive(Debug, clap::Args)]

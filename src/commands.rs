@@ -121,3 +121,18 @@ pub fn check_config(config: &Config) -> Result<(), Error> {
     println!("packages: {}", packages.join(", "));
     Ok(())
 }
+
+/// A completion script for `shell`, generated from the CLI definition.
+pub fn completions(shell: clap_complete::Shell) -> Result<(), Error> {
+    let mut command = <crate::cli::Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut command, "pulldeploy", &mut std::io::stdout());
+    Ok(())
+}
+
+/// The man page (roff), generated from the CLI definition.
+pub fn manpage() -> Result<(), Error> {
+    let command = <crate::cli::Cli as clap::CommandFactory>::command();
+    clap_mangen::Man::new(command)
+        .render(&mut std::io::stdout())
+        .map_err(|source| Error::Output { source })
+}

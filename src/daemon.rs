@@ -1,5 +1,6 @@
 //! The long-running agent: a cycle every `interval` plus random jitter, the
-//! health server beside it, and a clean shutdown.
+//! health server beside it, SIGHUP reloads, systemd readiness and watchdog,
+//! and a clean shutdown.
 //!
 //! Shutdown is honoured between steps: while the repository is being read
 //! it cancels the cycle (nothing is committed before dpkg), but once dpkg
@@ -7,17 +8,20 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::agent::{Agent, Outcome, committed_versions};
 use crate::config::Config;
 use crate::error::Error;
 use crate::health::Health;
+use crate::notify;
 use crate::state::State;
 
 /// How long the health server may take to finish after shutdown.
@@ -25,6 +29,19 @@ const DRAIN: Duration = Duration::from_secs(5);
 
 /// Runs until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    // No reloads: the sender lives as long as the daemon, and never sends.
+    let (_never, reloads) = mpsc::channel(1);
+    run_with_reload(config, shutdown, reloads).await
+}
+
+/// Runs until `shutdown` completes; each message on `reloads` (SIGHUP)
+/// reads the config file again and, if it is valid, uses it from the next
+/// cycle on. The health server keeps listening throughout.
+pub async fn run_with_reload(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    reloads: mpsc::Receiver<()>,
+) -> Result<(), Error> {
     let listener = TcpListener::bind(config.health.listen)
         .await
         .map_err(|source| Error::HealthListen {
@@ -38,8 +55,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(crate::health::serve(listener, health.clone(), stop_rx));
 
-    let result = cycles(config, &health, shutdown).await;
+    let result = cycles(config, &health, shutdown, reloads).await;
 
+    notify::notify("STOPPING=1");
     let _ = stop_tx.send(true);
     if tokio::time::timeout(DRAIN, server).await.is_err() {
         warn!(limit = ?DRAIN, "health server did not stop in time");
@@ -47,20 +65,86 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     result
 }
 
+/// The loop's heartbeat: when it last made progress (seconds on the tokio
+/// clock since start). The watchdog pings systemd only while it is recent.
+struct Heartbeat {
+    start: Instant,
+    last: AtomicU64,
+}
+
+impl Heartbeat {
+    fn beat(&self) {
+        self.last
+            .store(self.start.elapsed().as_secs(), Ordering::Relaxed);
+    }
+
+    fn age(&self) -> Duration {
+        Duration::from_secs(
+            self.start
+                .elapsed()
+                .as_secs()
+                .saturating_sub(self.last.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+/// The longest a healthy loop can go without a heartbeat: one whole cycle
+/// (reading, waiting for the lock, draining, the health gate, rollback's
+/// second gate) plus the sleep, plus a generous allowance for dpkg itself.
+fn stall_limit(config: &Config) -> Duration {
+    const DPKG_ALLOWANCE: Duration = Duration::from_secs(30 * 60);
+    config.agent.cycle_timeout
+        + config.install.lock_timeout
+        + config.health.drain
+        + 2 * config.health.health_timeout
+        + config.agent.interval
+        + config.agent.jitter
+        + DPKG_ALLOWANCE
+}
+
+/// Pings systemd's watchdog every half period while the loop's heartbeat is
+/// younger than `limit`: a wedged loop stops the pings and systemd restarts
+/// the agent (a pending install is finished at the next start).
+fn spawn_watchdog(
+    heartbeat: Arc<Heartbeat>,
+    limit: Duration,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let period = notify::watchdog_period()?;
+    Some(tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(period / 2);
+        loop {
+            ticker.tick().await;
+            if heartbeat.age() <= limit {
+                notify::notify("WATCHDOG=1");
+            } else {
+                warn!(age = ?heartbeat.age(), "cycle loop made no progress; not feeding the watchdog");
+            }
+        }
+    }))
+}
+
 async fn cycles(
     config: Config,
     health: &Arc<Health>,
     shutdown: impl Future<Output = ()>,
+    mut reloads: mpsc::Receiver<()>,
 ) -> Result<(), Error> {
     tokio::pin!(shutdown);
-    let state_path = config.state_path();
-    let interval = config.agent.interval;
-    let jitter = config.agent.jitter;
-    let agent = Agent::new(config, health.clone()).await?;
-    let mut state = State::load(&state_path)?;
+    let config_path = config.path.clone();
+    let listen = config.health.listen;
+    let heartbeat = Arc::new(Heartbeat {
+        start: Instant::now(),
+        last: AtomicU64::new(0),
+    });
+    let watchdog = spawn_watchdog(heartbeat.clone(), stall_limit(&config));
+    let mut agent = Agent::new(config, health.clone()).await?;
+    let mut state = State::load(&agent.config().state_path())?;
     health.update(|s| s.installed = committed_versions(&state));
+    notify::notify("READY=1");
 
     loop {
+        heartbeat.beat();
+        let started = Instant::now();
         let limit = agent.config().agent.cycle_timeout;
         let result = if state.pending.is_some() {
             // An install interrupted by a restart is finished first, and,
@@ -74,6 +158,7 @@ async fn cycles(
                 () = &mut shutdown => break,
                 prepared = tokio::time::timeout(limit, agent.prepare(&state)) => prepared,
             };
+            heartbeat.beat();
             match prepared {
                 Err(_elapsed) => Err(Error::CycleDeadline { limit }),
                 Ok(Err(e)) => Err(e),
@@ -81,6 +166,7 @@ async fn cycles(
                 Ok(Ok(Some(plan))) => agent.apply(plan, &mut state).await,
             }
         };
+        heartbeat.beat();
         match &result {
             Ok(Outcome::Unchanged) => {}
             Ok(outcome) => info!(%outcome, "cycle done"),
@@ -90,27 +176,70 @@ async fn cycles(
         if let Err(e) = agent.record(&mut state, &result) {
             error!(error = %e, "cannot record the cycle in state");
         }
+        let elapsed = started.elapsed().as_secs_f64();
+        let key_expiry = agent.signing_key_expiry();
         health.update(|s| {
             s.installed = committed_versions(&state);
             s.last_poll = state
                 .last_poll
                 .as_ref()
                 .map(|p| format!("{} {}", p.at.to_rfc3339(), p.outcome));
-            s.last_error = match &result {
-                Ok(_) => None,
-                Err(e) => Some(e.to_string()),
-            };
+            s.last_error = result.as_ref().err().map(ToString::to_string);
+            let m = &mut s.metrics;
+            m.cycles_total += 1;
+            m.last_cycle_seconds = elapsed;
+            m.cycle_seconds_sum += elapsed;
+            match &result {
+                Ok(_) => m.last_success = Some(chrono::Utc::now()),
+                Err(_) => {
+                    m.errors_total += 1;
+                    m.last_error = Some(chrono::Utc::now());
+                }
+            }
+            m.release_valid_until = state.release.as_ref().and_then(|r| r.valid_until);
+            m.signing_key_expiry = key_expiry;
         });
 
-        let delay = interval + random_up_to(jitter);
+        let interval = agent.config().agent.interval;
+        let delay = interval + random_up_to(agent.config().agent.jitter);
         tokio::select! {
             biased;
             () = &mut shutdown => break,
+            Some(()) = reloads.recv() => {
+                notify::notify("RELOADING=1");
+                match reload(&config_path, listen, health).await {
+                    Ok(reloaded) => {
+                        agent = reloaded;
+                        info!(config = %config_path.display(), "configuration reloaded");
+                    }
+                    Err(e) => error!(error = %e, "reload failed; keeping the running configuration"),
+                }
+                notify::notify("READY=1");
+            }
             () = tokio::time::sleep(delay) => {}
         }
     }
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     info!("shutting down");
     Ok(())
+}
+
+/// Reads the config again and builds the agent it describes. The health
+/// server's address cannot change without a restart.
+async fn reload(
+    path: &std::path::Path,
+    listen: std::net::SocketAddr,
+    health: &Arc<Health>,
+) -> Result<Agent, Error> {
+    let config = Config::from_file(path)?;
+    if config.health.listen != listen {
+        warn!(old = %listen, new = %config.health.listen, "health.listen changes only at a restart");
+    }
+    let agent = Agent::new(config, health.clone()).await?;
+    health.reconfigure(agent.config());
+    Ok(agent)
 }
 
 fn random_up_to(limit: Duration) -> Duration {
@@ -139,4 +268,19 @@ pub async fn shutdown_signal() {
             std::future::pending::<()>().await
         }
     }
+}
+
+/// A channel that receives one message per SIGHUP.
+pub fn reload_signal() -> Result<mpsc::Receiver<()>, Error> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup()).map_err(|source| Error::Signals { source })?;
+    let (sender, receiver) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            info!("SIGHUP received");
+            // A reload already queued covers this one too.
+            let _ = sender.try_send(());
+        }
+    });
+    Ok(receiver)
 }

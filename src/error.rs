@@ -49,6 +49,8 @@ pub enum Error {
     CycleDeadline { limit: std::time::Duration },
     #[error("deferred: {reason}; retried next cycle")]
     Deferred { reason: String },
+    #[error("cannot write to stdout: {source}")]
+    Output { source: std::io::Error },
     #[error("cannot start the async runtime: {source}")]
     Runtime { source: std::io::Error },
     #[error("cannot install signal handlers: {source}")]
@@ -71,7 +73,10 @@ impl Error {
             Error::Source(_) | Error::CycleDeadline { .. } => exit::UNAVAILABLE,
             Error::Install(_) => exit::SOFTWARE,
             Error::Deferred { .. } => exit::TEMPFAIL,
-            Error::State(_) | Error::Runtime { .. } | Error::Signals { .. } => exit::IOERR,
+            Error::State(_)
+            | Error::Runtime { .. }
+            | Error::Signals { .. }
+            | Error::Output { .. } => exit::IOERR,
             Error::Publish(e) => e.exit_code(),
         }
     }

@@ -25,6 +25,122 @@ pub struct Snapshot {
     pub installed: BTreeMap<String, String>,
     pub last_poll: Option<String>,
     pub last_error: Option<String>,
+    #[serde(skip)]
+    pub metrics: Metrics,
+}
+
+/// Figures for `/metrics` (Prometheus text format 0.0.4).
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    pub cycles_total: u64,
+    pub errors_total: u64,
+    pub last_cycle_seconds: f64,
+    pub cycle_seconds_sum: f64,
+    pub last_success: Option<chrono::DateTime<chrono::Utc>>,
+    pub last_error: Option<chrono::DateTime<chrono::Utc>>,
+    pub release_valid_until: Option<chrono::DateTime<chrono::Utc>>,
+    pub signing_key_expiry: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Prometheus label values escape `\`, `"` and newlines.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Snapshot {
+    /// The Prometheus text exposition of this snapshot at `now`.
+    pub fn render_metrics(&self, now: chrono::DateTime<chrono::Utc>) -> String {
+        use std::fmt::Write;
+        let m = &self.metrics;
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, kind: &str, lines: Vec<String>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for line in lines {
+                let _ = writeln!(out, "{name}{line}");
+            }
+        };
+        gauge(
+            "pulldeploy_package_info",
+            "Committed (installed and healthy) version of each configured package.",
+            "gauge",
+            self.wanted
+                .iter()
+                .filter_map(|p| {
+                    self.installed
+                        .get(p)
+                        .map(|v| format!("{{package=\"{}\",version=\"{}\"}} 1", label(p), label(v)))
+                })
+                .collect(),
+        );
+        let timestamp = |t: Option<chrono::DateTime<chrono::Utc>>| {
+            t.map(|t| vec![format!(" {}", t.timestamp())])
+                .unwrap_or_default()
+        };
+        gauge(
+            "pulldeploy_last_success_timestamp_seconds",
+            "When the last cycle succeeded (Unix time).",
+            "gauge",
+            timestamp(m.last_success),
+        );
+        gauge(
+            "pulldeploy_last_error_timestamp_seconds",
+            "When the last cycle failed (Unix time).",
+            "gauge",
+            timestamp(m.last_error),
+        );
+        gauge(
+            "pulldeploy_cycles_total",
+            "Cycles run.",
+            "counter",
+            vec![format!(" {}", m.cycles_total)],
+        );
+        gauge(
+            "pulldeploy_cycle_errors_total",
+            "Cycles that failed.",
+            "counter",
+            vec![format!(" {}", m.errors_total)],
+        );
+        gauge(
+            "pulldeploy_last_cycle_duration_seconds",
+            "Duration of the last cycle.",
+            "gauge",
+            vec![format!(" {:.6}", m.last_cycle_seconds)],
+        );
+        gauge(
+            "pulldeploy_cycle_duration_seconds",
+            "Durations of all cycles.",
+            "summary",
+            vec![
+                format!("_sum {:.6}", m.cycle_seconds_sum),
+                format!("_count {}", m.cycles_total),
+            ],
+        );
+        let until = |t: Option<chrono::DateTime<chrono::Utc>>| {
+            t.map(|t| {
+                vec![format!(
+                    " {:.3}",
+                    (t - now).num_milliseconds() as f64 / 1000.0
+                )]
+            })
+            .unwrap_or_default()
+        };
+        gauge(
+            "pulldeploy_release_valid_until_seconds",
+            "Seconds until the accepted Release's Valid-Until (absent without one).",
+            "gauge",
+            until(m.release_valid_until),
+        );
+        gauge(
+            "pulldeploy_signing_key_expiry_seconds",
+            "Seconds until the first pinned signing key expires (absent if none expires).",
+            "gauge",
+            until(m.signing_key_expiry),
+        );
+        out
+    }
 }
 
 #[derive(Serialize)]
@@ -37,10 +153,10 @@ struct Report<'a> {
 
 pub struct Health {
     snapshot: RwLock<Snapshot>,
+    check_url_lock: RwLock<Option<String>>,
     /// Set around dpkg: /healthz answers 503 so the load balancer drains
     /// the node, and 200 again only after the new version is healthy.
     draining: std::sync::atomic::AtomicBool,
-    check_url: Option<String>,
     client: reqwest::Client,
 }
 
@@ -68,7 +184,7 @@ impl Health {
                 ..Snapshot::default()
             }),
             draining: std::sync::atomic::AtomicBool::new(false),
-            check_url,
+            check_url_lock: RwLock::new(check_url),
             client: reqwest::Client::new(),
         })
     }
@@ -88,6 +204,29 @@ impl Health {
             .clone()
     }
 
+    /// Takes a reloaded config's package list and app probe.
+    pub fn reconfigure(&self, config: &crate::config::Config) {
+        *self
+            .check_url_lock
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = config.health.check_url.clone();
+        self.update(|s| {
+            s.wanted = config
+                .agent
+                .packages
+                .iter()
+                .map(|p| p.name.clone())
+                .collect()
+        });
+    }
+
+    fn check_url(&self) -> Option<String> {
+        self.check_url_lock
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn set_draining(&self, draining: bool) {
         self.draining
             .store(draining, std::sync::atomic::Ordering::SeqCst);
@@ -96,9 +235,10 @@ impl Health {
     /// One probe of `check_url`: `Ok` on 2xx within [`PROBE_TIMEOUT`].
     /// Without a `check_url` the app counts as healthy once installed.
     pub async fn probe(&self) -> Result<String, String> {
-        let Some(url) = &self.check_url else {
+        let Some(url) = self.check_url() else {
             return Ok("no check_url configured".into());
         };
+        let url = &url;
         match self.client.get(url).timeout(PROBE_TIMEOUT).send().await {
             Ok(response) if response.status().is_success() => {
                 Ok(format!("{url} answered {}", response.status()))
@@ -117,7 +257,7 @@ impl Health {
         timeout: Duration,
         interval: Duration,
     ) -> Result<(), String> {
-        if self.check_url.is_none() {
+        if self.check_url().is_none() {
             return Ok(());
         }
         let deadline = tokio::time::Instant::now() + timeout;
@@ -166,20 +306,22 @@ impl Health {
             let reason = format!("not installed: {}", missing.join(", "));
             return (false, reason, snapshot);
         }
-        let Some(url) = &self.check_url else {
-            return (true, "packages installed".into(), snapshot);
-        };
-        let (ready, reason) = match self.client.get(url).timeout(PROBE_TIMEOUT).send().await {
-            Ok(response) if response.status().is_success() => {
-                (true, format!("{url} answered {}", response.status()))
-            }
-            Ok(response) => (false, format!("{url} answered {}", response.status())),
-            Err(e) => (false, format!("{url} unreachable: {e}")),
-        };
-        (ready, reason, snapshot)
+        match self.probe().await {
+            Ok(reason) => (true, reason, snapshot),
+            Err(reason) => (false, reason, snapshot),
+        }
     }
 
     async fn respond(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        if request.uri().path() == "/metrics" {
+            let body = self.snapshot().render_metrics(chrono::Utc::now());
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            return response;
+        }
         if request.uri().path() != "/healthz" {
             return plain(StatusCode::NOT_FOUND, "not found\n");
         }
@@ -245,5 +387,48 @@ pub async fn serve(
                 tracing::debug!(error = %e, "health server: connection ended");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_in_prometheus_text_format() {
+        let now = chrono::Utc::now();
+        let snapshot = Snapshot {
+            wanted: vec!["myapp".into(), "other".into()],
+            installed: [("myapp".to_string(), "1:2.0-1".to_string())].into(),
+            metrics: Metrics {
+                cycles_total: 3,
+                errors_total: 1,
+                release_valid_until: Some(now + chrono::Duration::seconds(90)),
+                ..Metrics::default()
+            },
+            ..Snapshot::default()
+        };
+        let text = snapshot.render_metrics(now);
+        assert!(
+            text.contains("pulldeploy_package_info{package=\"myapp\",version=\"1:2.0-1\"} 1\n"),
+            "{text}"
+        );
+        assert!(!text.contains("package=\"other\""));
+        assert!(text.contains("pulldeploy_cycles_total 3\n"));
+        assert!(text.contains("pulldeploy_cycle_errors_total 1\n"));
+        assert!(
+            text.contains("pulldeploy_release_valid_until_seconds 90.000\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE pulldeploy_cycle_duration_seconds summary\n"));
+        assert!(
+            !text.contains("pulldeploy_signing_key_expiry_seconds "),
+            "no expiry, no sample"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

@@ -19,7 +19,8 @@
 //! - [`health`]: `/healthz` and the app probe.
 //! - [`state`]: `state.json`, written atomically.
 //! - [`agent`]: one cycle, the only place that sequences the steps.
-//! - [`daemon`]: interval, jitter, health server, shutdown.
+//! - [`daemon`]: interval, jitter, health server, reload, shutdown.
+//! - [`notify`]: systemd readiness and watchdog; [`logging`]: text or JSON.
 //! - [`publish`]: the repository side: publish, promote, refresh (signed, atomic).
 
 pub mod agent;
@@ -31,6 +32,8 @@ pub mod error;
 pub mod health;
 pub mod install;
 pub mod keyring;
+pub mod logging;
+pub mod notify;
 pub mod publish;
 pub mod repo;
 pub mod source;

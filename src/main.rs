@@ -1,27 +1,17 @@
 //! The `pulldeploy` binary: parse, set up logging, load the config, call the
 //! library, map the result to a sysexits code.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 use pulldeploy::cli::{Cli, Command};
 use pulldeploy::config::Config;
 use pulldeploy::error::{Error, exit};
+use pulldeploy::{commands, daemon, publish};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The credential chain logs each failed provider with a Debug dump of
-    // the raw response; our own error already names the cause once.
-    let default_filter = "info,aws_config::meta::credentials::chain=error";
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PULLDEPLOY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    pulldeploy::logging::init(cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
@@ -39,26 +29,25 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
 }
 
 fn run(cli: Cli) -> Result<(), Error> {
-    use pulldeploy::publish;
     let config_path = match &cli.command {
         Command::Run(c) | Command::Once(c) | Command::CheckConfig(c) => &c.config,
         Command::Status { config, .. } => &config.config,
-        // The repository side has no config file.
+        // The repository side and the packaging helpers have no config file.
         Command::Publish(args) => return runtime()?.block_on(publish::publish(args.clone())),
         Command::Promote(args) => return runtime()?.block_on(publish::promote(args.clone())),
         Command::Refresh(args) => return runtime()?.block_on(publish::refresh(args.clone())),
+        Command::Completions { shell } => return commands::completions(*shell),
+        Command::Manpage => return commands::manpage(),
     };
     let config = Config::from_file(config_path)?;
-    let runtime = runtime()?;
     match cli.command {
-        Command::Run(_) => runtime.block_on(async {
-            tracing::info!(version = env!("CARGO_PKG_VERSION"), repository = %config.repository.url, suite = %config.repository.suite, "pulldeploy starting");
-            pulldeploy::daemon::run(config, pulldeploy::daemon::shutdown_signal()).await
+        Command::Run(_) => runtime()?.block_on(async {
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), repository = %config.repository.url, suite = %config.repository.suite, packages = config.agent.packages.len(), "pulldeploy starting");
+            daemon::run_with_reload(config, daemon::shutdown_signal(), daemon::reload_signal()?).await
         }),
-        Command::Once(_) => runtime.block_on(pulldeploy::commands::once(config)),
-        Command::Status { json, .. } => pulldeploy::commands::status(&config, json),
-        Command::CheckConfig(_) => pulldeploy::commands::check_config(&config),
-        // Returned above, before any config is read.
-        Command::Publish(_) | Command::Promote(_) | Command::Refresh(_) => Ok(()),
+        Command::Once(_) => runtime()?.block_on(commands::once(config)),
+        Command::Status { json, .. } => commands::status(&config, json),
+        Command::CheckConfig(_) => commands::check_config(&config),
+        _ => Ok(()),
     }
 }
