@@ -422,7 +422,9 @@ mod tests {
         );
         assert!(text.contains("# TYPE pulldeploy_cycle_duration_seconds summary\n"));
         assert!(
-            !text.contains("pulldeploy_signing_key_expiry_seconds "),
+            !text
+                .lines()
+                .any(|l| l.starts_with("pulldeploy_signing_key_expiry_seconds")),
             "no expiry, no sample"
         );
     }
