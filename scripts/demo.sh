@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# End-to-end demo on one machine, no AWS: a signed apt repository in a local
-# directory (made by gpg + reprepro), pulldeploy installing the demo app
-# into a sandbox root with real dpkg, then an upgrade and an unchanged poll.
+# End-to-end demo on one machine, no AWS: pulldeploy publishes a signed apt
+# repository into a local directory (key made by gpg), then installs the
+# demo app from it into a sandbox root with real dpkg, then an upgrade, an
+# unchanged poll, and the status.
 #
 #   scripts/demo.sh [WORKDIR]      (default: a new directory under /tmp)
 #
@@ -13,7 +14,7 @@ mkdir -p "$work"
 work="$(cd "$work" && pwd)"
 
 need=()
-for tool in gpg:gpg dpkg-deb:dpkg-dev reprepro:reprepro; do
+for tool in gpg:gpg dpkg-deb:dpkg-dev; do
   command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
 done
 for lib in nettle-dev libclang-dev; do
@@ -40,14 +41,8 @@ mkdir -p -m 700 "$GNUPGHOME"
 gpg --batch --quiet --passphrase '' --quick-gen-key "pulldeploy demo <demo@localhost>" ed25519 sign never 2>/dev/null
 fingerprint="$(gpg --list-keys --with-colons 2>/dev/null | awk -F: '/^fpr/ {print $10; exit}')"
 gpg --armor --export "$fingerprint" > "$work/keyring.asc"
-mkdir -p "$work/repo/conf"
-cat > "$work/repo/conf/distributions" <<CONF
-Codename: production
-Suite: production
-Architectures: $(dpkg --print-architecture)
-Components: main
-SignWith: $fingerprint
-CONF
+gpg --armor --export-secret-keys "$fingerprint" > "$work/signing-key.asc"
+mkdir -p "$work/repo"
 
 build_app() {  # version
   local dir="$work/build/demo-app-$1"
@@ -63,7 +58,8 @@ Description: demo application installed by pulldeploy
 CONTROL
   echo "$1" > "$dir/usr/share/demo-app/VERSION"
   dpkg-deb --build --root-owner-group "$dir" "$work/build/demo-app_$1_all.deb" >/dev/null
-  reprepro --silent -b "$work/repo" includedeb production "$work/build/demo-app_$1_all.deb"
+  "$bin" publish --repo "file://$work/repo" --suite production --signing-key "$work/signing-key.asc" \
+    --architecture "$(dpkg --print-architecture)" "$work/build/demo-app_$1_all.deb"
   echo "published demo-app $1"
 }
 build_app 1.0
