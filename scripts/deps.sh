@@ -6,6 +6,10 @@
 set -euo pipefail
 
 packages=(nettle-dev libclang-dev pkg-config gpg gpg-agent dpkg-dev reprepro aptly apt curl xz-utils python3-pip faketime)
+# tests/node_packaging.rs: the agent's own .deb (binutils: strip, readelf),
+# lintian on it, systemd-analyze verify on its unit (package systemd; it
+# needs no running systemd), and man, which verify runs for Documentation=.
+packages+=(binutils lintian systemd man-db)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -24,6 +28,15 @@ if ! command -v moto_server >/dev/null 2>&1; then
   echo "deps: installing moto[server]"
   python3 -m pip install -q "moto[server]" 2>/dev/null \
     || python3 -m pip install -q --break-system-packages "moto[server]"
+fi
+
+# examples/terraform/main.tf is parse-checked with python-hcl2 (no terraform
+# binary can be installed here). Major version 8: the test reads its JSON
+# shape (quoted string literals, "${...}" expressions).
+if ! python3 -c 'import hcl2' >/dev/null 2>&1; then
+  echo "deps: installing python-hcl2"
+  python3 -m pip install -q "python-hcl2>=8,<9" 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages "python-hcl2>=8,<9"
 fi
 
 # A SigV4-checking S3 server (tests/attacks_s3.rs, sigv4_from_imds); 0.17
