@@ -26,7 +26,7 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon: a cycle every interval (+ jitter), /healthz, signals.
+    /// Run the daemon: a cycle every interval (+ jitter), /healthz and /metrics, SIGHUP reload.
     Run(ConfigArg),
     /// Run one cycle and exit: 0 up to date or installed, non-zero on failure.
     Once(ConfigArg),

@@ -129,10 +129,65 @@ pub fn completions(shell: clap_complete::Shell) -> Result<(), Error> {
     Ok(())
 }
 
-/// The man page (roff), generated from the CLI definition.
+/// The man page (roff), generated from the CLI definition: one page with
+/// every subcommand and its options (no dangling `pulldeploy-run(1)`
+/// references), plus EXIT STATUS and FILES.
 pub fn manpage() -> Result<(), Error> {
     let command = <crate::cli::Cli as clap::CommandFactory>::command();
-    clap_mangen::Man::new(command)
-        .render(&mut std::io::stdout())
-        .map_err(|source| Error::Output { source })
+    let man = clap_mangen::Man::new(command.clone());
+    let mut page = Vec::new();
+    let output = |source| Error::Output { source };
+    man.render_title(&mut page).map_err(output)?;
+    man.render_name_section(&mut page).map_err(output)?;
+    man.render_synopsis_section(&mut page).map_err(output)?;
+    man.render_description_section(&mut page).map_err(output)?;
+    man.render_options_section(&mut page).map_err(output)?;
+    let mut text = String::from(".SH COMMANDS\n");
+    for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+        text.push_str(&format!(".TP\n\\fB{}\\fR\n", roff(sub.get_name())));
+        if let Some(about) = sub.get_about() {
+            text.push_str(&format!("{}\n", roff(&about.to_string())));
+        }
+        for arg in sub
+            .get_arguments()
+            .filter(|a| !a.is_hide_set() && !a.is_global_set())
+        {
+            let name = match (arg.get_long(), arg.get_value_names()) {
+                (Some(long), _) => format!("--{long}"),
+                (None, Some(names)) => names
+                    .iter()
+                    .map(|n| format!("<{n}>"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                (None, None) => arg.get_id().to_string(),
+            };
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            text.push_str(&format!(".br\n\\fI{}\\fR  {}\n", roff(&name), roff(&help)));
+        }
+    }
+    text.push_str(
+        ".SH \"EXIT STATUS\"\n0 up to date, installed or unchanged; 64 bad usage or configuration; \
+         65 data failed verification; 69 repository unavailable; 70 install failed or rolled back; \
+         74 local I/O error (state, cache); 75 deferred (another package manager holds the dpkg lock).\n\
+         .SH FILES\n.TP\n/etc/pulldeploy/config.toml\nconfiguration\n.TP\n/etc/pulldeploy/keyring.asc\n\
+         pinned signing certificates\n.TP\n/var/lib/pulldeploy/state.json\ninstalled versions, accepted Release, \
+         bad versions, events\n.TP\n/var/cache/pulldeploy/\nverified .debs: current and last known good\n",
+    );
+    page.extend_from_slice(text.as_bytes());
+    man.render_version_section(&mut page).map_err(output)?;
+    std::io::stdout().write_all(&page).map_err(output)
+}
+
+/// Escapes text for roff: backslashes, hyphens (so they are not
+/// hyphenation points), and a leading `.` or `'` (control characters).
+fn roff(text: &str) -> String {
+    let escaped = text.replace('\\', "\\e").replace('-', "\\-");
+    escaped
+        .lines()
+        .map(|line| match line.starts_with(['.', '\'']) {
+            true => format!("\\&{line}"),
+            false => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }

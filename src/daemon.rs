@@ -249,25 +249,20 @@ fn random_up_to(limit: Duration) -> Duration {
     Duration::from_millis(rand::rng().random_range(0..=limit.as_millis() as u64))
 }
 
-/// Completes on SIGTERM or SIGINT. If the handlers cannot be installed the
-/// daemon still runs, and says so.
-pub async fn shutdown_signal() {
+/// A future that completes on SIGTERM or SIGINT. The handlers are
+/// installed here, at once, so that a signal during start-up (or while a
+/// pending install is resumed) is not taken by the default action.
+pub fn shutdown_signal() -> Result<impl Future<Output = ()>, Error> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM received"),
-                _ = int.recv() => info!("SIGINT received"),
-            }
+    let signals = |kind| signal(kind).map_err(|source| Error::Signals { source });
+    let mut term = signals(SignalKind::terminate())?;
+    let mut int = signals(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
         }
-        (Err(e), _) | (_, Err(e)) => {
-            warn!(error = %e, "cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await
-        }
-    }
+    })
 }
 
 /// A channel that receives one message per SIGHUP.

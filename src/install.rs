@@ -94,6 +94,11 @@ impl Dpkg {
         command
             .args(["--force-confold", "--force-confdef"])
             .env("DEBIAN_FRONTEND", "noninteractive")
+            // Maintainer scripts and what they start are not the agent: they
+            // must not talk to systemd on its behalf.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             // We hold the frontend lock ourselves (see `lock`), as apt does.
             .env("DPKG_FRONTEND_LOCKED", "1")
             .stdin(Stdio::null())

@@ -43,7 +43,8 @@ fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Run(_) => runtime()?.block_on(async {
             tracing::info!(version = env!("CARGO_PKG_VERSION"), repository = %config.repository.url, suite = %config.repository.suite, packages = config.agent.packages.len(), "pulldeploy starting");
-            daemon::run_with_reload(config, daemon::shutdown_signal(), daemon::reload_signal()?).await
+            let (shutdown, reloads) = (daemon::shutdown_signal()?, daemon::reload_signal()?);
+            daemon::run_with_reload(config, shutdown, reloads).await
         }),
         Command::Once(_) => runtime()?.block_on(commands::once(config)),
         Command::Status { json, .. } => commands::status(&config, json),
