@@ -1,6 +1,7 @@
 //! What `once`, `status` and `check-config` do and print. `run` is
 //! [`crate::daemon::run`].
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::time::SystemTime;
 
@@ -23,11 +24,12 @@ pub async fn once(config: Config) -> Result<(), Error> {
 /// What is installed, the last poll and the last error, from state.json.
 pub fn status(config: &Config, json: bool) -> Result<(), Error> {
     let state = State::load(&config.state_path())?;
-    let mut out = std::io::stdout().lock();
+    // Built whole, then written once: a closed pipe is an error to report,
+    // not a half-printed status.
+    let mut out = String::new();
     if json {
         let text = serde_json::to_string_pretty(&state).unwrap_or_default();
-        let _ = writeln!(out, "{text}");
-        return Ok(());
+        return print(&format!("{text}\n"));
     }
     let _ = writeln!(
         out,
@@ -97,7 +99,15 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
             let _ = writeln!(out, "  {} {}", event.at.to_rfc3339(), event.message);
         }
     }
-    Ok(())
+    print(&out)
+}
+
+/// Writes `text` to stdout in one go.
+fn print(text: &str) -> Result<(), Error> {
+    std::io::stdout()
+        .lock()
+        .write_all(text.as_bytes())
+        .map_err(|source| Error::Output { source })
 }
 
 /// Validates the keyring (the config was validated by loading it).
