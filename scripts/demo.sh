@@ -38,6 +38,8 @@ say() { printf '\n== %s\n' "$*"; }
 say "signing key and repository in $work"
 export GNUPGHOME="$work/gnupg"
 mkdir -p -m 700 "$GNUPGHOME"
+# gpg starts an agent for this key ring; it should not outlive the demo.
+trap 'gpgconf --kill all 2>/dev/null || true' EXIT
 gpg --batch --quiet --passphrase '' --quick-gen-key "pulldeploy demo <demo@localhost>" ed25519 sign never 2>/dev/null
 fingerprint="$(gpg --list-keys --with-colons 2>/dev/null | awk -F: '/^fpr/ {print $10; exit}')"
 gpg --armor --export "$fingerprint" > "$work/keyring.asc"
