@@ -568,6 +568,31 @@ mod s3 {
         }
     }
 
+    impl S3Store {
+        /// GetObject of `path`; `None` when S3 answers 404.
+        async fn get_object(
+            &self,
+            path: &str,
+            url: &str,
+        ) -> Result<Option<aws_sdk_s3::operation::get_object::GetObjectOutput>, PublishError>
+        {
+            let result = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(self.key(path))
+                .send()
+                .await;
+            match result {
+                Ok(output) => Ok(Some(output)),
+                Err(error) => match describe(&error) {
+                    (Some(404), _) => Ok(None),
+                    (_, message) => Err(io_read(url, message)),
+                },
+            }
+        }
+    }
+
     impl Store for S3Store {
         fn url(&self, path: &str) -> String {
             format!("s3://{}/{}", self.bucket, self.key(path))
@@ -580,21 +605,8 @@ mod s3 {
         ) -> BoxFuture<'a, Result<Option<Stored>, PublishError>> {
             Box::pin(async move {
                 let url = self.url(path);
-                let result = self
-                    .client
-                    .get_object()
-                    .bucket(&self.bucket)
-                    .key(self.key(path))
-                    .send()
-                    .await;
-                let output = match result {
-                    Ok(output) => output,
-                    Err(error) => {
-                        return match describe(&error) {
-                            (Some(404), _) => Ok(None),
-                            (_, message) => Err(io_read(&url, message)),
-                        };
-                    }
+                let Some(output) = self.get_object(path, &url).await? else {
+                    return Ok(None);
                 };
                 if output.content_length().unwrap_or(0) as u64 > limit {
                     return Err(io_read(&url, format!("larger than {limit} bytes")));
@@ -621,21 +633,8 @@ mod s3 {
         ) -> BoxFuture<'a, Result<Option<(String, u64)>, PublishError>> {
             Box::pin(async move {
                 let url = self.url(path);
-                let result = self
-                    .client
-                    .get_object()
-                    .bucket(&self.bucket)
-                    .key(self.key(path))
-                    .send()
-                    .await;
-                let output = match result {
-                    Ok(output) => output,
-                    Err(error) => {
-                        return match describe(&error) {
-                            (Some(404), _) => Ok(None),
-                            (_, message) => Err(io_read(&url, message)),
-                        };
-                    }
+                let Some(output) = self.get_object(path, &url).await? else {
+                    return Ok(None);
                 };
                 let mut body = output.body.into_async_read();
                 let mut digest = StreamDigest::new(u64::MAX);
