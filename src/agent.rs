@@ -10,10 +10,10 @@
 //! everything succeeded: a failure anywhere leaves the last accepted
 //! Release, its ETag and the installed versions where they were.
 
-use std::collections::HashMap;
+use std::future::Future;
 use std::io::{BufReader, Read};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -23,15 +23,16 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::error::{Error, InstallError, SourceError, StateError, VerifyError};
 use crate::health::Health;
-use crate::install::Dpkg;
+use crate::install::{Dpkg, DpkgStatus};
 use crate::keyring::{Keyring, Verified};
 use crate::repo::depends;
 use crate::repo::digest::{Expected, StreamDigest};
-use crate::repo::packages::{self, Candidate, PackagesError, SelectError, Selection};
+use crate::repo::packages::{self, Candidate, PackagesError, SelectError, Selection, same_version};
 use crate::repo::release::{self, Compression, Freshness, IndexFile, Release, Stale};
 use crate::source::{self, Fetched, Source};
 use crate::state::{
-    AcceptedRelease, Event, InstalledPackage, Pending, PendingPackage, Poll, State,
+    AcceptedRelease, Event, FileStamp, InstalledPackage, LOCK_WAIT, Pending, PendingPackage, Poll,
+    State, StateLock,
 };
 
 /// Whether the cached .debs handed to dpkg must be hashed again: not when
@@ -43,6 +44,11 @@ enum DebCheck {
     Again,
 }
 
+/// The subdirectory of `agent.cache_dir` that the agent owns: every file it
+/// writes to the cache is in there, and pruning never looks anywhere else,
+/// so `cache_dir` may be shared with other programs.
+pub const CACHE_SUBDIR: &str = "pulldeploy";
+
 /// How long an unchanged poll may go unrecorded in state.json.
 const UNCHANGED_POLL_PERSIST: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
@@ -53,9 +59,15 @@ pub struct Agent {
     dpkg: Dpkg,
     health: Arc<Health>,
     architecture: String,
-    /// (mtime, size, inode) of dpkg's status file when the installed
-    /// versions last matched state; lets an unchanged poll skip parsing it.
-    status_stamp: Mutex<Option<(i64, i64, u64, u64)>>,
+    /// dpkg's status file when the installed versions last matched state;
+    /// lets an unchanged poll skip parsing it.
+    agreed_status: Mutex<Option<FileStamp>>,
+    /// state.json as this agent last read or wrote it: a cycle re-reads the
+    /// file under the lock only when another process replaced it.
+    state_stamp: Mutex<Option<FileStamp>>,
+    /// Whether temp files left by a killed write were swept (once per
+    /// process, under the lock).
+    swept: AtomicBool,
 }
 
 /// What a cycle did.
@@ -95,7 +107,9 @@ pub struct Plan {
 
 struct PlannedInstall {
     name: String,
-    from: Option<String>,
+    /// The version installed now: the way back, with its verified .deb in
+    /// the cache when it is a committed version (see [`Agent::way_back`]).
+    from: Option<InstalledPackage>,
     to: String,
     deb: PathBuf,
     sha256: String,
@@ -116,8 +130,7 @@ impl Agent {
         let keyring = Keyring::load(&config.repository.keyring)?;
         let architecture = config.architecture()?;
         crate::state::ensure_dir(&config.agent.state_dir)?;
-        crate::state::ensure_dir(&config.agent.cache_dir)?;
-        crate::state::remove_stale_temp_files(&config.state_path());
+        crate::state::ensure_dir(&config.agent.cache_dir.join(CACHE_SUBDIR))?;
         let source = source::from_config(&config).await?;
         Ok(Agent {
             dpkg: Dpkg::new(&config.install.root),
@@ -126,7 +139,9 @@ impl Agent {
             source,
             keyring,
             architecture,
-            status_stamp: Mutex::new(None),
+            agreed_status: Mutex::new(None),
+            state_stamp: Mutex::new(None),
+            swept: AtomicBool::new(false),
         })
     }
 
@@ -154,33 +169,92 @@ impl Agent {
         format!("dists/{}/{file}", self.config.repository.suite)
     }
 
-    /// Installed versions of the wanted packages, from dpkg's database.
-    pub fn installed(&self) -> Result<HashMap<String, String>, Error> {
-        Ok(self.dpkg.installed_versions(&self.wanted())?)
+    /// dpkg's database (parsed once per version of its status file).
+    fn dpkg_status(&self) -> Result<Arc<DpkgStatus>, Error> {
+        Ok(self.dpkg.status()?)
     }
 
-    /// One whole cycle, recording its outcome or error in `state` and on
-    /// disk. The repository half runs under `agent.cycle_timeout`.
-    pub async fn cycle(&self, state: &mut State) -> Result<Outcome, Error> {
+    /// The agent's own directory in the cache.
+    fn cache(&self) -> PathBuf {
+        self.config.agent.cache_dir.join(CACHE_SUBDIR)
+    }
+
+    /// One whole cycle, the only sequence of the steps (`run` and `once`
+    /// both call it): take the state lock, re-read state if another process
+    /// replaced it, finish a pending install or read the repository and
+    /// install, then record the outcome or error in `state` and on disk.
+    ///
+    /// `shutdown` cancels the cycle while it waits for the lock or reads
+    /// the repository (nothing has changed yet then): `None`. Once dpkg may
+    /// run, the cycle goes to its end. The repository half runs under
+    /// `agent.cycle_timeout`. A cycle that cannot get the lock within
+    /// [`LOCK_WAIT`] fails with [`Error::Busy`] and writes nothing: the
+    /// state belongs to the holder.
+    pub async fn cycle(
+        &self,
+        state: &mut State,
+        shutdown: impl Future<Output = ()>,
+    ) -> Option<Result<Outcome, Error>> {
+        tokio::pin!(shutdown);
+        let state_dir = &self.config.agent.state_dir;
+        let lock = tokio::select! {
+            biased;
+            () = &mut shutdown => return None,
+            lock = StateLock::acquire(state_dir, LOCK_WAIT) => lock,
+        };
+        let _lock = match lock {
+            Ok(lock) => lock,
+            Err(e) => return Some(Err(e)),
+        };
+        if let Err(e) = self.reload_state(state) {
+            return Some(Err(e));
+        }
         let limit = self.config.agent.cycle_timeout;
         let result = if state.pending.is_some() {
             self.resume(state).await
         } else {
-            match tokio::time::timeout(limit, self.prepare(state)).await {
+            let prepared = tokio::select! {
+                biased;
+                () = &mut shutdown => return None,
+                prepared = tokio::time::timeout(limit, self.prepare(state)) => prepared,
+            };
+            match prepared {
                 Err(_elapsed) => Err(Error::CycleDeadline { limit }),
                 Ok(Err(e)) => Err(e),
                 Ok(Ok(None)) => Ok(Outcome::Unchanged),
                 Ok(Ok(Some(plan))) => self.apply(plan, state).await,
             }
         };
-        if let Err(e) = self.record(state, &result) {
+        let recorded = self.record(state, &result);
+        *self.state_stamp.lock().unwrap_or_else(|e| e.into_inner()) =
+            FileStamp::of(&self.config.state_path());
+        // No copy of dpkg's database is kept between cycles.
+        self.dpkg.forget_status();
+        if let Err(e) = recorded {
             // The cycle's own outcome matters more; say both.
             warn!(error = %e, "cannot record the cycle in state");
             if result.is_ok() {
-                return Err(e);
+                return Some(Err(e));
             }
         }
-        result
+        Some(result)
+    }
+
+    /// Re-reads state.json (the lock is held) unless it is the file this
+    /// agent last read or wrote: another `once` may have moved it on. The
+    /// first cycle of a process also sweeps temp files a killed write left.
+    fn reload_state(&self, state: &mut State) -> Result<(), Error> {
+        let path = self.config.state_path();
+        if !self.swept.swap(true, Ordering::Relaxed) {
+            crate::state::remove_stale_temp_files(&path);
+        }
+        let stamp = FileStamp::of(&path);
+        let mut known = self.state_stamp.lock().unwrap_or_else(|e| e.into_inner());
+        if stamp.is_none() || *known != stamp {
+            *state = State::load(&path)?;
+            *known = stamp;
+        }
+        Ok(())
     }
 
     /// Writes the poll time and outcome, or the error, to state.json.
@@ -218,7 +292,7 @@ impl Agent {
 
     /// Reads and verifies the repository; leaves verified .debs in the
     /// cache. `None` when nothing changed since the last accepted Release.
-    pub async fn prepare(&self, state: &State) -> Result<Option<Plan>, Error> {
+    async fn prepare(&self, state: &State) -> Result<Option<Plan>, Error> {
         let etag = match self.may_skip_unchanged(state) {
             true => state.release.as_ref().and_then(|r| r.etag.as_deref()),
             false => None,
@@ -236,7 +310,7 @@ impl Agent {
             return Ok(None);
         };
         let release = self.check_release(&signed, state)?;
-        crate::state::ensure_dir(&self.config.agent.cache_dir)?;
+        crate::state::ensure_dir(&self.cache())?;
 
         let index = release
             .packages_index(&self.config.repository.component, &self.architecture)
@@ -253,10 +327,10 @@ impl Agent {
         // Versions that failed before are not tried again; a newer one is.
         candidates.retain(|c| !state.is_bad(&c.name, &c.version.to_string()));
 
-        let installed = self.installed()?;
+        let dpkg = self.dpkg_status()?;
         let mut chosen = Vec::new();
         for spec in &self.config.agent.packages {
-            let current = installed.get(&spec.name).map(String::as_str);
+            let current = dpkg.version(&spec.name);
             let index_url = self.source.url(&self.dists(&index.path));
             let candidate = match packages::select(&candidates, spec, current) {
                 Ok(Selection::Install(candidate)) => candidate,
@@ -299,15 +373,27 @@ impl Agent {
             };
             chosen.push((candidate, current));
         }
-        self.check_depends(&chosen)?;
+        self.check_depends(&dpkg, &chosen)?;
         self.check_space(&chosen)?;
 
+        // The way back first: no upgrade starts without it.
+        let mut ways_back = Vec::new();
+        for (candidate, current) in &chosen {
+            let from = match current {
+                Some(current) => Some(
+                    self.way_back(candidate, current, state, &candidates)
+                        .await?,
+                ),
+                None => None,
+            };
+            ways_back.push(from);
+        }
         let mut installs = Vec::new();
-        for (candidate, current) in chosen {
+        for ((candidate, _), from) in chosen.into_iter().zip(ways_back) {
             let deb = self.fetch_deb(candidate).await?;
             installs.push(PlannedInstall {
                 name: candidate.name.clone(),
-                from: current.map(str::to_string),
+                from,
                 to: candidate.version.to_string(),
                 deb,
                 sha256: candidate.expected.sha256.clone(),
@@ -328,13 +414,81 @@ impl Agent {
         }))
     }
 
+    /// The way back for an upgrade of `candidate.name` from `current`: the
+    /// committed version's verified .deb in the cache. When the cache lost
+    /// it (tmpfiles, an operator) or it no longer matches its hash, it is
+    /// fetched again from the signed repository; when the repository no
+    /// longer has it either, the upgrade is refused ([`InstallError::NoWayBack`]),
+    /// so that a failing postinst cannot leave the node worse than before.
+    ///
+    /// A version that is not committed (it never passed the health gate,
+    /// or failed it) has no way back to keep: it is returned as it is.
+    async fn way_back(
+        &self,
+        candidate: &Candidate,
+        current: &str,
+        state: &State,
+        candidates: &[Candidate],
+    ) -> Result<InstalledPackage, Error> {
+        let name = &candidate.name;
+        let committed = state
+            .installed
+            .get(name)
+            .filter(|p| same_version(&p.version, current));
+        let Some(committed) = committed else {
+            return Ok(InstalledPackage {
+                version: current.to_string(),
+                sha256: None,
+                installed_at: None,
+                deb: None,
+            });
+        };
+        if let (Some(file), Some(sha256)) = (&committed.deb, &committed.sha256)
+            && file_sha256(&self.cached_path(file))
+                .await
+                .is_ok_and(|actual| actual.eq_ignore_ascii_case(sha256))
+        {
+            return Ok(committed.clone());
+        }
+        let refuse = |reason: String| InstallError::NoWayBack {
+            package: name.clone(),
+            version: current.to_string(),
+            target: candidate.version.to_string(),
+            reason,
+        };
+        let Some(previous) = candidates
+            .iter()
+            .find(|c| &c.name == name && same_version(&c.version.to_string(), current))
+        else {
+            return Err(refuse(format!(
+                "its .deb is not in the cache and the repository no longer offers {current}"
+            ))
+            .into());
+        };
+        info!(package = %name, version = %current, "the way back is not in the cache; fetching it again");
+        let deb = self
+            .fetch_deb(previous)
+            .await
+            .map_err(|e| refuse(format!("cannot fetch {current} again: {e}")))?;
+        Ok(InstalledPackage {
+            version: committed.version.clone(),
+            sha256: Some(previous.expected.sha256.clone()),
+            installed_at: committed.installed_at,
+            deb: deb.file_name().map(|n| n.to_string_lossy().into_owned()),
+        })
+    }
+
     /// Refuses, before anything is downloaded, a package whose `Depends` are
     /// neither installed nor part of this plan.
-    fn check_depends(&self, chosen: &[(&Candidate, Option<&str>)]) -> Result<(), Error> {
+    fn check_depends(
+        &self,
+        dpkg: &DpkgStatus,
+        chosen: &[(&Candidate, Option<&str>)],
+    ) -> Result<(), Error> {
         if chosen.iter().all(|(c, _)| c.depends.is_none()) {
             return Ok(());
         }
-        let mut installed = self.dpkg.installed_all()?;
+        let mut installed = dpkg.installed.clone();
         for (candidate, _) in chosen {
             installed.add(
                 &candidate.name,
@@ -365,10 +519,8 @@ impl Agent {
             .iter()
             .map(|(c, _)| c.installed_size_kib.unwrap_or(0) * 1024)
             .sum();
-        for (path, needed) in [
-            (&self.config.agent.cache_dir, download),
-            (&self.config.install.root, unpacked),
-        ] {
+        let cache = self.cache();
+        for (path, needed) in [(&cache, download), (&self.config.install.root, unpacked)] {
             if needed == 0 {
                 continue;
             }
@@ -392,7 +544,7 @@ impl Agent {
 
     /// Installs the plan and commits it once healthy, or rolls back. Not
     /// cancellable: callers await it to the end.
-    pub async fn apply(&self, plan: Plan, state: &mut State) -> Result<Outcome, Error> {
+    async fn apply(&self, plan: Plan, state: &mut State) -> Result<Outcome, Error> {
         if plan.installs.is_empty() {
             let mut next = state.clone();
             next.release = Some(plan.release);
@@ -411,19 +563,7 @@ impl Agent {
                 .iter()
                 .map(|p| PendingPackage {
                     name: p.name.clone(),
-                    from: state
-                        .installed
-                        .get(&p.name)
-                        .filter(|i| Some(&i.version) == p.from.as_ref())
-                        .cloned()
-                        .or_else(|| {
-                            p.from.as_ref().map(|version| InstalledPackage {
-                                version: version.clone(),
-                                sha256: None,
-                                installed_at: None,
-                                deb: None,
-                            })
-                        }),
+                    from: p.from.clone(),
                     to: InstalledPackage {
                         version: p.to.clone(),
                         sha256: Some(p.sha256.clone()),
@@ -439,7 +579,7 @@ impl Agent {
     /// Finishes an install that an earlier run started and did not commit
     /// (the agent was killed): the same .debs again, the health gate, then
     /// commit or roll back.
-    pub async fn resume(&self, state: &mut State) -> Result<Outcome, Error> {
+    async fn resume(&self, state: &mut State) -> Result<Outcome, Error> {
         let Some(pending) = state.pending.clone() else {
             return Ok(Outcome::Unchanged);
         };
@@ -470,17 +610,17 @@ impl Agent {
         // A cached .deb changed since it was verified (disk error,
         // tampering): give up this install without blaming the version; the
         // next cycle fetches it again from the signed repository.
-        if let Err(e) = self
-            .cached_debs(&pending, &|p: &PendingPackage| Some(&p.to), debs)
-            .await
-        {
-            let mut next = state.clone();
-            next.pending = None;
-            next.push_event(format!("install abandoned: {e}"));
-            next.save(&self.config.state_path())?;
-            *state = next;
-            return Err(e);
-        }
+        let debs = match self.cached_debs(&pending, &target_of, debs).await {
+            Ok(debs) => debs,
+            Err(e) => {
+                let mut next = state.clone();
+                next.pending = None;
+                next.push_event(format!("install abandoned: {e}"));
+                next.save(&self.config.state_path())?;
+                *state = next;
+                return Err(e);
+            }
+        };
 
         // The intent goes to disk before dpkg starts, so a kill at any
         // point after this is finished by `resume` at the next start.
@@ -495,11 +635,7 @@ impl Agent {
             info!(?drain, "draining before dpkg");
             tokio::time::sleep(drain).await;
         }
-        // Already checked just above.
-        let result = match self
-            .install_debs(&pending, |p| Some(&p.to), DebCheck::JustNow)
-            .await
-        {
+        let result = match self.run_dpkg(&pending, target_of, &debs).await {
             Ok(()) => self
                 .health_gate()
                 .await
@@ -516,8 +652,7 @@ impl Agent {
     }
 
     /// dpkg -i of the .debs `which` picks from `pending`, each re-verified
-    /// against its recorded SHA256 first; then dpkg must report exactly
-    /// those versions.
+    /// against its recorded SHA256 first when `check` asks for it.
     async fn install_debs(
         &self,
         pending: &Pending,
@@ -525,21 +660,33 @@ impl Agent {
         check: DebCheck,
     ) -> Result<(), Error> {
         let debs = self.cached_debs(pending, &which, check).await?;
+        self.run_dpkg(pending, which, &debs).await
+    }
+
+    /// dpkg -i of `debs` (from [`Agent::cached_debs`]) in one transaction;
+    /// then dpkg must report exactly the versions `which` picks, by Debian
+    /// version equality.
+    async fn run_dpkg(
+        &self,
+        pending: &Pending,
+        which: impl Fn(&PendingPackage) -> Option<&InstalledPackage>,
+        debs: &[PathBuf],
+    ) -> Result<(), Error> {
         if debs.is_empty() {
             return Ok(());
         }
-        self.dpkg.install(&debs).await?;
-        let installed = self.installed()?;
+        self.dpkg.install(debs).await?;
+        let installed = self.dpkg_status()?;
         for package in &pending.packages {
             let Some(target) = which(package) else {
                 continue;
             };
-            let actual = installed.get(&package.name);
-            if actual != Some(&target.version) {
+            let actual = installed.version(&package.name);
+            if !actual.is_some_and(|actual| same_version(actual, &target.version)) {
                 return Err(InstallError::NotInstalled {
                     package: package.name.clone(),
                     expected: target.version.clone(),
-                    actual: actual.cloned(),
+                    actual: actual.map(str::to_string),
                 }
                 .into());
             }
@@ -558,13 +705,16 @@ impl Agent {
         which: &impl Fn(&PendingPackage) -> Option<&InstalledPackage>,
         check: DebCheck,
     ) -> Result<Vec<PathBuf>, Error> {
-        let installed = self.installed()?;
+        let installed = self.dpkg_status()?;
         let mut debs = Vec::new();
         for package in &pending.packages {
             let Some(target) = which(package) else {
                 continue;
             };
-            if installed.get(&package.name) == Some(&target.version) {
+            if installed
+                .version(&package.name)
+                .is_some_and(|v| same_version(v, &target.version))
+            {
                 continue;
             }
             let (Some(file), Some(sha256)) = (&target.deb, &target.sha256) else {
@@ -577,7 +727,7 @@ impl Agent {
                 }
                 .into());
             };
-            let path = self.config.agent.cache_dir.join(file);
+            let path = self.cached_path(file);
             if check == DebCheck::Again {
                 let actual = file_sha256(&path)
                     .await
@@ -655,10 +805,7 @@ impl Agent {
     ) -> Result<Outcome, Error> {
         let mut next = state.clone();
         for package in &pending.packages {
-            let bad = next.bad.entry(package.name.clone()).or_default();
-            if !bad.contains(&package.to.version) {
-                bad.push(package.to.version.clone());
-            }
+            next.mark_bad(&package.name, &package.to.version);
         }
         let first = &pending.packages[0];
         let restorable = pending
@@ -718,14 +865,14 @@ impl Agent {
     /// install itself (so the 304 shortcut can compare), keeping the entries
     /// it did install.
     fn sync_installed(&self, state: &mut State) -> Result<(), Error> {
-        let installed = self.installed()?;
+        let installed = self.dpkg_status()?;
         for name in self.wanted() {
-            match installed.get(name) {
+            match installed.version(name) {
                 Some(version)
                     if state
                         .installed
                         .get(name)
-                        .is_some_and(|p| &p.version == version) => {}
+                        .is_some_and(|p| same_version(&p.version, version)) => {}
                 // A version that failed its health gate is not "committed",
                 // even though dpkg has it (there was nothing to roll back to).
                 Some(version) if state.is_bad(name, version) => {
@@ -735,7 +882,7 @@ impl Agent {
                     state.installed.insert(
                         name.to_string(),
                         InstalledPackage {
-                            version: version.clone(),
+                            version: version.to_string(),
                             sha256: None,
                             installed_at: None,
                             deb: None,
@@ -762,16 +909,16 @@ impl Agent {
             info!("agent.packages changed; fetching the full repository");
             return false;
         }
-        let stamp = status_stamp(&self.dpkg.status_path());
-        let mut remembered = self.status_stamp.lock().unwrap_or_else(|e| e.into_inner());
+        let stamp = FileStamp::of(&self.dpkg.status_path());
+        let mut remembered = self.agreed_status.lock().unwrap_or_else(|e| e.into_inner());
         if stamp.is_some() && *remembered == stamp {
             return true;
         }
-        let Ok(installed) = self.installed() else {
+        let Ok(installed) = self.dpkg_status() else {
             return false;
         };
         let agrees = self.wanted().iter().all(|name| {
-            matches!((installed.get(*name), state.installed.get(*name)), (Some(a), Some(b)) if *a == b.version)
+            matches!((installed.version(name), state.installed.get(*name)), (Some(a), Some(b)) if same_version(a, &b.version))
         });
         if agrees {
             *remembered = stamp;
@@ -791,8 +938,8 @@ impl Agent {
     }
 
     fn remember_status_stamp(&self) {
-        *self.status_stamp.lock().unwrap_or_else(|e| e.into_inner()) =
-            status_stamp(&self.dpkg.status_path());
+        *self.agreed_status.lock().unwrap_or_else(|e| e.into_inner()) =
+            FileStamp::of(&self.dpkg.status_path());
     }
 
     /// InRelease if present, otherwise Release + Release.gpg; `None` on 304.
@@ -880,7 +1027,7 @@ impl Agent {
                 reason,
             })?;
         let suite = &self.config.repository.suite;
-        if !release.matches_suite(suite) {
+        if release.suite.as_deref() != Some(suite.as_str()) {
             return Err(VerifyError::WrongSuite {
                 url: url.clone(),
                 expected: suite.clone(),
@@ -925,9 +1072,7 @@ impl Agent {
             .into());
         }
         let local = self
-            .config
-            .agent
-            .cache_dir
+            .cache()
             .join(format!("Packages{}", index.compression.extension()));
         let mut paths = Vec::new();
         if release.acquire_by_hash {
@@ -972,29 +1117,56 @@ impl Agent {
     }
 
     /// The verified .deb for `candidate` in the cache: reused when a file
-    /// of that name already hashes right, otherwise downloaded.
+    /// of that name already hashes right, otherwise downloaded. Either way
+    /// its own control file must name the package, version and
+    /// architecture of the index entry it was selected by.
     async fn fetch_deb(&self, candidate: &Candidate) -> Result<PathBuf, Error> {
-        let dest = self.config.agent.cache_dir.join(candidate.cache_name());
+        let dest = self.cache().join(candidate.cache_name());
+        let url = self.source.url(&candidate.filename);
         if cached_file_matches(&dest, &candidate.expected).await {
             debug!(path = %dest.display(), "using cached .deb");
-            return Ok(dest);
-        }
-        let url = self.source.url(&candidate.filename);
-        match self.source.get(&candidate.filename, None).await? {
-            Fetched::Object(object) => {
-                source::download_verified(&url, object.body, &candidate.expected, &dest).await?;
-                Ok(dest)
+        } else {
+            match self.source.get(&candidate.filename, None).await? {
+                Fetched::Object(object) => {
+                    source::download_verified(&url, object.body, &candidate.expected, &dest)
+                        .await?;
+                }
+                Fetched::NotModified => {
+                    return Err(SourceError::Unavailable {
+                        url,
+                        message: "answered 304 to an unconditional request".into(),
+                    }
+                    .into());
+                }
             }
-            Fetched::NotModified => Err(SourceError::Unavailable {
-                url,
-                message: "answered 304 to an unconditional request".into(),
-            }
-            .into()),
         }
+        if let Err(e) = check_deb_identity(&dest, candidate, &url).await {
+            let _ = std::fs::remove_file(&dest);
+            return Err(e.into());
+        }
+        Ok(dest)
+    }
+
+    /// Where the cached file `name` (as state records it) is. A file that an
+    /// older agent kept directly in `cache_dir` is moved into the agent's
+    /// own directory the first time it is asked for.
+    fn cached_path(&self, name: &str) -> PathBuf {
+        let path = self.cache().join(name);
+        let legacy = self.config.agent.cache_dir.join(name);
+        if !path.exists() && legacy.is_file() {
+            match std::fs::rename(&legacy, &path) {
+                Ok(()) => {
+                    info!(from = %legacy.display(), to = %path.display(), "moved a cached .deb into the agent's cache directory")
+                }
+                Err(e) => warn!(path = %legacy.display(), error = %e, "cannot move a cached .deb"),
+            }
+        }
+        path
     }
 
     /// Keeps, per package, the current .deb and the last known good one
-    /// (both named in state) and removes every other file in the cache.
+    /// (both named in state) and removes every other file in the agent's
+    /// own cache directory; nothing outside it is touched.
     fn prune_cache(&self, state: &State) {
         let keep: Vec<&str> = state
             .installed
@@ -1002,18 +1174,25 @@ impl Agent {
             .chain(state.last_known_good.values())
             .filter_map(|p| p.deb.as_deref())
             .collect();
-        let Ok(entries) = std::fs::read_dir(&self.config.agent.cache_dir) else {
+        let Ok(entries) = std::fs::read_dir(self.cache()) else {
             return;
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !keep.contains(&name.as_str())
+            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+            if is_file
+                && !keep.contains(&name.as_str())
                 && let Err(e) = std::fs::remove_file(entry.path())
             {
                 warn!(path = %entry.path().display(), error = %e, "cannot prune cache");
             }
         }
     }
+}
+
+/// What an install puts in place: the new version.
+fn target_of(package: &PendingPackage) -> Option<&InstalledPackage> {
+    Some(&package.to)
 }
 
 /// Committed versions, for /healthz.
@@ -1058,9 +1237,55 @@ fn stale_error(stale: Stale, url: &str, date: DateTime<Utc>, rules: &Freshness) 
     }
 }
 
-fn status_stamp(path: &Path) -> Option<(i64, i64, u64, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.mtime(), meta.mtime_nsec(), meta.len(), meta.ino()))
+/// Checks that the .deb at `path` is the package its index entry
+/// describes: its control file's Package, Version (by Debian equality) and
+/// Architecture. The bytes were verified against the entry's SHA256, but
+/// that only says the repository signed them as this entry: a mislabelled
+/// package (another name, whose maintainer scripts would run as root and
+/// which a rollback would not remove) is refused before dpkg sees it, as
+/// apt refuses it.
+async fn check_deb_identity(
+    path: &Path,
+    candidate: &Candidate,
+    url: &str,
+) -> Result<(), VerifyError> {
+    let deb = path.to_path_buf();
+    let control = tokio::task::spawn_blocking(move || crate::publish::deb::read_identity(&deb))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|read| read.map_err(|e| e.to_string()))
+        .map_err(|reason| VerifyError::DebControl {
+            url: url.to_string(),
+            reason,
+        })?;
+    let mismatch = |field, expected: String, actual: &str| VerifyError::DebMismatch {
+        url: url.to_string(),
+        field,
+        expected,
+        actual: actual.to_string(),
+    };
+    if control.package != candidate.name {
+        return Err(mismatch(
+            "Package",
+            candidate.name.clone(),
+            &control.package,
+        ));
+    }
+    if !same_version(&control.version, &candidate.version.to_string()) {
+        return Err(mismatch(
+            "Version",
+            candidate.version.to_string(),
+            &control.version,
+        ));
+    }
+    if control.architecture != candidate.architecture {
+        return Err(mismatch(
+            "Architecture",
+            candidate.architecture.clone(),
+            &control.architecture,
+        ));
+    }
+    Ok(())
 }
 
 /// The SHA256 of a file in the cache, or why it cannot be read.

@@ -11,13 +11,16 @@ use crate::error::Error;
 use crate::keyring::Keyring;
 use crate::state::State;
 
-/// One cycle; prints its outcome on stdout.
+/// One cycle; prints its outcome on stdout. The cycle reads state under
+/// the state directory's lock.
 pub async fn once(config: Config) -> Result<(), Error> {
-    let mut state = State::load(&config.state_path())?;
+    let mut state = State::default();
     let health = crate::health::Health::for_config(&config);
     let agent = Agent::new(config, health).await?;
-    let outcome = agent.cycle(&mut state).await?;
-    println!("{outcome}");
+    // Nothing cancels `once` but a signal's default action.
+    if let Some(outcome) = agent.cycle(&mut state, std::future::pending()).await {
+        println!("{}", outcome?);
+    }
     Ok(())
 }
 

@@ -138,6 +138,8 @@ async fn cycles(
     });
     let watchdog = spawn_watchdog(heartbeat.clone(), stall_limit(&config));
     let mut agent = Agent::new(config, health.clone()).await?;
+    // Read without the lock, for /healthz until the first cycle; every
+    // cycle reads it again under the lock when another process changed it.
     let mut state = State::load(&agent.config().state_path())?;
     health.update(|s| s.installed = committed_versions(&state));
     notify::notify("READY=1");
@@ -145,36 +147,20 @@ async fn cycles(
     loop {
         heartbeat.beat();
         let started = Instant::now();
-        let limit = agent.config().agent.cycle_timeout;
-        let result = if state.pending.is_some() {
-            // An install interrupted by a restart is finished first, and,
-            // like any started install, not cancelled.
-            agent.resume(&mut state).await
-        } else {
-            // The repository half may be cancelled by shutdown; the install
-            // half may not (see the module doc).
-            let prepared = tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                prepared = tokio::time::timeout(limit, agent.prepare(&state)) => prepared,
-            };
-            heartbeat.beat();
-            match prepared {
-                Err(_elapsed) => Err(Error::CycleDeadline { limit }),
-                Ok(Err(e)) => Err(e),
-                Ok(Ok(None)) => Ok(Outcome::Unchanged),
-                Ok(Ok(Some(plan))) => agent.apply(plan, &mut state).await,
-            }
+        // Shutdown cancels the cycle while it waits for the state lock or
+        // reads the repository; a started install goes to its end (see the
+        // module doc).
+        let Some(result) = agent.cycle(&mut state, &mut shutdown).await else {
+            break;
         };
         heartbeat.beat();
         match &result {
             Ok(Outcome::Unchanged) => {}
             Ok(outcome) => info!(%outcome, "cycle done"),
-            Err(e @ Error::Deferred { .. }) => info!(reason = %e, "cycle deferred"),
+            Err(e @ (Error::Deferred { .. } | Error::Busy { .. })) => {
+                info!(reason = %e, "cycle deferred")
+            }
             Err(e) => error!(error = %e, "cycle failed"),
-        }
-        if let Err(e) = agent.record(&mut state, &result) {
-            error!(error = %e, "cannot record the cycle in state");
         }
         let elapsed = started.elapsed().as_secs_f64();
         let key_expiry = agent.signing_key_expiry();

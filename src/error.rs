@@ -49,6 +49,17 @@ pub enum Error {
     CycleDeadline { limit: std::time::Duration },
     #[error("deferred: {reason}; retried next cycle")]
     Deferred { reason: String },
+    /// Another `run` or `once` holds the state directory's lock: one
+    /// writer per state directory.
+    #[error(
+        "another pulldeploy ({holder}) holds {path} and did not finish within {waited:?}; try again later",
+        holder = holder.map_or("PID unknown".to_string(), |pid| format!("PID {pid}"))
+    )]
+    Busy {
+        path: PathBuf,
+        holder: Option<u32>,
+        waited: std::time::Duration,
+    },
     #[error("cannot write to stdout: {source}")]
     Output { source: std::io::Error },
     #[error("cannot start the async runtime: {source}")]
@@ -72,7 +83,7 @@ impl Error {
             Error::Source(SourceError::TooLarge { .. }) => exit::DATAERR,
             Error::Source(_) | Error::CycleDeadline { .. } => exit::UNAVAILABLE,
             Error::Install(_) => exit::SOFTWARE,
-            Error::Deferred { .. } => exit::TEMPFAIL,
+            Error::Deferred { .. } | Error::Busy { .. } => exit::TEMPFAIL,
             Error::State(_)
             | Error::Runtime { .. }
             | Error::Signals { .. }
@@ -240,6 +251,19 @@ pub enum VerifyError {
     },
     #[error("package {package}: unsafe Filename {filename:?}")]
     UnsafeFilename { package: String, filename: String },
+    /// The .deb's own control file is not the package the index entry it
+    /// was selected from describes (a substituted or mislabelled package).
+    #[error(
+        "{url}: the .deb says {field} {actual:?}, but its index entry says {expected:?}; not installed"
+    )]
+    DebMismatch {
+        url: String,
+        field: &'static str,
+        expected: String,
+        actual: String,
+    },
+    #[error("{url}: cannot read the .deb's control file: {reason}")]
+    DebControl { url: String, reason: String },
 }
 
 /// Installing with dpkg.
@@ -299,6 +323,17 @@ pub enum InstallError {
         restored: String,
         rollback_error: String,
     },
+    /// Before an upgrade: the way back (the running version's verified
+    /// .deb) is neither in the cache nor to be had from the repository.
+    #[error(
+        "{package}: not upgrading {version} to {target}: no way back ({reason}); staying on {version}"
+    )]
+    NoWayBack {
+        package: String,
+        version: String,
+        target: String,
+        reason: String,
+    },
     #[error("after dpkg, {package} is {actual:?}, expected {expected}")]
     NotInstalled {
         package: String,
@@ -319,6 +354,11 @@ pub enum StateError {
     Corrupt { path: PathBuf, message: String },
     #[error("cannot write state {path}: {source}")]
     Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot take the state lock {path}: {source}")]
+    Lock {
         path: PathBuf,
         source: std::io::Error,
     },

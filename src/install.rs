@@ -10,19 +10,45 @@ use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::InstallError;
 use crate::repo::depends;
+use crate::state::FileStamp;
 
 pub struct Dpkg {
     root: PathBuf,
+    /// The status file as last parsed, with the stamp of the file it was
+    /// parsed from: one parse per version of the file, however many steps
+    /// of a cycle ask (see [`Dpkg::status`]).
+    status: Mutex<Option<(FileStamp, Arc<DpkgStatus>)>>,
+}
+
+/// dpkg's database of installed packages at one moment.
+#[derive(Debug, Default)]
+pub struct DpkgStatus {
+    /// Packages in state "install ok installed": the version as dpkg
+    /// records it.
+    versions: HashMap<String, String>,
+    /// The same packages as `Depends` sees them (parsed versions, Provides).
+    pub installed: depends::Installed,
+    /// Some package is left half-way by an interrupted dpkg run.
+    pub half_way: bool,
+}
+
+impl DpkgStatus {
+    /// The installed version of `name`, as dpkg records it.
+    pub fn version(&self, name: &str) -> Option<&str> {
+        self.versions.get(name).map(String::as_str)
+    }
 }
 
 impl Dpkg {
     pub fn new(root: &Path) -> Dpkg {
         Dpkg {
             root: root.to_path_buf(),
+            status: Mutex::new(None),
         }
     }
 
@@ -58,24 +84,62 @@ impl Dpkg {
         Ok(())
     }
 
-    /// Installed versions of `names` (only packages in state "install ok
-    /// installed"), read from the status file without running dpkg-query.
-    pub fn installed_versions(
-        &self,
-        names: &[&str],
-    ) -> Result<HashMap<String, String>, InstallError> {
-        let mut versions = HashMap::new();
+    /// dpkg's database now. Parsed only when the status file changed since
+    /// the last parse (dpkg replaces it by rename, so any write gives a new
+    /// stamp); otherwise the earlier parse is handed out again.
+    pub fn status(&self) -> Result<Arc<DpkgStatus>, InstallError> {
+        let path = self.status_path();
+        let stamp = FileStamp::of(&path);
+        let mut cached = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(stamp), Some((seen, status))) = (stamp, cached.as_ref())
+            && stamp == *seen
+        {
+            return Ok(status.clone());
+        }
+        let status = Arc::new(self.read_status()?);
+        *cached = stamp.map(|stamp| (stamp, status.clone()));
+        Ok(status)
+    }
+
+    /// Drops the parsed status (a long-running agent keeps no copy of the
+    /// database between cycles); the next [`Dpkg::status`] reads it again.
+    pub fn forget_status(&self) {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn read_status(&self) -> Result<DpkgStatus, InstallError> {
+        tracing::debug!(path = %self.status_path().display(), "reading dpkg status");
+        let mut status = DpkgStatus::default();
         self.each_status(|paragraph| {
+            let state = paragraph
+                .get("Status")
+                .and_then(|s| s.split_whitespace().nth(2));
+            status.half_way |= matches!(
+                state,
+                Some(
+                    "half-installed"
+                        | "unpacked"
+                        | "half-configured"
+                        | "triggers-awaited"
+                        | "triggers-pending"
+                )
+            );
             if let (Some(name), Some(version)) =
                 (paragraph.get("Package"), paragraph.get("Version"))
-                && names.contains(&name)
                 && is_installed(paragraph)
             {
-                versions.insert(name.to_string(), version.to_string());
+                status
+                    .versions
+                    .insert(name.to_string(), version.to_string());
+                if let Ok(parsed) = version.parse() {
+                    status
+                        .installed
+                        .add(name, parsed, paragraph.get("Provides"));
+                }
             }
             true
         })?;
-        Ok(versions)
+        Ok(status)
     }
 
     /// dpkg with the root, log and non-interactive settings.
@@ -161,24 +225,7 @@ impl Dpkg {
         {
             return Ok(true);
         }
-        let mut half_way = false;
-        self.each_status(|paragraph| {
-            let state = paragraph
-                .get("Status")
-                .and_then(|s| s.split_whitespace().nth(2));
-            half_way = matches!(
-                state,
-                Some(
-                    "half-installed"
-                        | "unpacked"
-                        | "half-configured"
-                        | "triggers-awaited"
-                        | "triggers-pending"
-                )
-            );
-            !half_way
-        })?;
-        Ok(half_way)
+        Ok(self.status()?.half_way)
     }
 
     /// Completes an interrupted dpkg run: `dpkg --configure -a`.
@@ -186,22 +233,6 @@ impl Dpkg {
         let mut command = self.dpkg();
         command.args(["--configure", "--pending"]);
         self.run(command, "--configure -a (recovery)".into()).await
-    }
-
-    /// Everything installed, with versions and Provides, for `Depends`.
-    pub fn installed_all(&self) -> Result<depends::Installed, InstallError> {
-        let mut installed = depends::Installed::default();
-        self.each_status(|paragraph| {
-            if let (Some(name), Some(version)) =
-                (paragraph.get("Package"), paragraph.get("Version"))
-                && is_installed(paragraph)
-                && let Ok(version) = version.parse()
-            {
-                installed.add(name, version, paragraph.get("Provides"));
-            }
-            true
-        })?;
-        Ok(installed)
     }
 
     /// Waits up to `timeout` for dpkg's locks, as apt does, so that another

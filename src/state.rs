@@ -6,12 +6,16 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::error::StateError;
+use crate::error::{Error, StateError};
+use crate::repo::packages::same_version;
 
 /// Bumped when the format changes incompatibly.
 pub const FORMAT: u32 = 1;
@@ -153,11 +157,22 @@ impl State {
         self.events.drain(..excess);
     }
 
-    /// True when `version` of `package` failed before.
+    /// True when `version` of `package` failed before (by Debian version
+    /// equality: `0:1.0` failed means `1.0` failed).
     pub fn is_bad(&self, package: &str, version: &str) -> bool {
         self.bad
             .get(package)
-            .is_some_and(|v| v.iter().any(|b| b == version))
+            .is_some_and(|v| v.iter().any(|b| same_version(b, version)))
+    }
+
+    /// Records that `version` of `package` failed, once.
+    pub fn mark_bad(&mut self, package: &str, version: &str) {
+        if !self.is_bad(package, version) {
+            self.bad
+                .entry(package.to_string())
+                .or_default()
+                .push(version.to_string());
+        }
     }
 
     /// Replaces `path` atomically with this state.
@@ -200,7 +215,10 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
 }
 
 /// Removes temp files that a write killed half-way left beside `path`
-/// (`.state.json.tmp.PID`); the state itself is whole either way.
+/// (`.state.json.tmp.PID`); the state itself is whole either way. Called
+/// with the [`StateLock`] held, so no other agent is writing; a file whose
+/// PID is still alive is left alone all the same (a process of an older
+/// agent that took no lock).
 pub fn remove_stale_temp_files(path: &Path) {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return;
@@ -210,9 +228,123 @@ pub fn remove_stale_temp_files(path: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let alive = pid
+            .parse::<u32>()
+            .is_ok_and(|pid| pid != std::process::id() && process_alive(pid));
+        if !alive {
             let _ = std::fs::remove_file(entry.path());
         }
+    }
+}
+
+/// True when a process with this PID exists (signal 0 probes without
+/// sending anything; EPERM means it exists but is not ours).
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill(2) with signal 0 only checks for the process.
+    let result = unsafe { libc::kill(pid, 0) };
+    result == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// The name of the lock file in the state directory.
+pub const LOCK_FILE: &str = "lock";
+
+/// How long a second `run` cycle or `once` waits for the lock before it
+/// gives up (exit 75, naming the holder).
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// One writer per state directory: an exclusive `flock(2)` on
+/// `STATE_DIR/lock`, held by a `run` cycle or a `once` from before state is
+/// read until after it is last written, and released when dropped (or when
+/// the process dies: the kernel drops a dead process's locks, so a crash
+/// never leaves the directory locked). The holder writes its PID into the
+/// file so that a runner that gives up can name it. `status` takes no lock:
+/// state.json is replaced atomically, so a reader always sees a whole file.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+impl StateLock {
+    /// Takes the lock, waiting up to `wait` (polling: flock has no timeout).
+    pub async fn acquire(state_dir: &Path, wait: Duration) -> Result<StateLock, Error> {
+        let path = state_dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|source| StateError::Lock {
+                path: path.clone(),
+                source,
+            })?;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // SAFETY: flock(2) on a descriptor this function owns.
+            let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if locked == 0 {
+                break;
+            }
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(StateError::Lock {
+                    path,
+                    source: error,
+                }
+                .into());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Busy {
+                    holder: lock_holder(&path),
+                    path,
+                    waited: wait,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Who holds it, for a runner that gives up; best effort (the lock,
+        // not this text, is what excludes).
+        let pid = format!("{}\n", std::process::id());
+        let _ = file
+            .set_len(0)
+            .and_then(|()| file.write_all_at(pid.as_bytes(), 0));
+        Ok(StateLock { _file: file })
+    }
+}
+
+/// The PID written in a lock file, if it can be read.
+fn lock_holder(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Identifies one version of state.json on disk (it is replaced by rename,
+/// so every write makes a new inode): lets a long-running agent skip
+/// re-reading a file that nobody else wrote since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    inode: u64,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl FileStamp {
+    /// The stamp of `path`, `None` when it does not exist or cannot be read.
+    pub fn of(path: &Path) -> Option<FileStamp> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            inode: meta.ino(),
+            size: meta.len(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        })
     }
 }
 

@@ -53,6 +53,15 @@ pub enum DebError {
     Invalid(String),
 }
 
+impl std::fmt::Display for DebError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DebError::Io(e) => write!(f, "{e}"),
+            DebError::Invalid(reason) => f.write_str(reason),
+        }
+    }
+}
+
 impl From<std::io::Error> for DebError {
     fn from(e: std::io::Error) -> Self {
         DebError::Io(e)
@@ -63,12 +72,26 @@ fn invalid(reason: impl Into<String>) -> DebError {
     DebError::Invalid(reason.into())
 }
 
-/// Reads `path`: hashes the whole file and parses its control file.
-pub fn read(path: &Path) -> Result<DebInfo, DebError> {
+/// What a .deb says it is: its control file's Package, Version and
+/// Architecture, each checked for form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub package: String,
+    pub version: String,
+    pub architecture: String,
+}
+
+/// Reads the identity of the .deb at `path` from its control file alone
+/// (no hashing: the agent asks this of a .deb it has just verified).
+pub fn read_identity(path: &Path) -> Result<Identity, DebError> {
     let mut file = std::fs::File::open(path)?;
-    let (size, sha256, sha512) = hash(&mut file)?;
-    file.seek(SeekFrom::Start(0))?;
-    let control_text = control_file(&mut file, size)?;
+    let size = file.metadata()?.len();
+    identity(&control_stanza(&mut file, size)?)
+}
+
+/// The single stanza of the control file of the .deb open in `file`.
+fn control_stanza(file: &mut std::fs::File, size: u64) -> Result<Stanza, DebError> {
+    let control_text = control_file(file, size)?;
     let mut stanzas =
         index::parse_stanzas(&control_text).map_err(|e| invalid(format!("control file: {e}")))?;
     if stanzas.len() != 1 {
@@ -77,7 +100,10 @@ pub fn read(path: &Path) -> Result<DebInfo, DebError> {
             stanzas.len()
         )));
     }
-    let mut control = stanzas.remove(0);
+    Ok(stanzas.remove(0))
+}
+
+fn identity(control: &Stanza) -> Result<Identity, DebError> {
     let field = |name: &str| {
         control
             .get(name)
@@ -102,6 +128,24 @@ pub fn read(path: &Path) -> Result<DebInfo, DebError> {
             "Architecture {architecture:?} is not valid"
         )));
     }
+    Ok(Identity {
+        package,
+        version,
+        architecture,
+    })
+}
+
+/// Reads `path`: hashes the whole file and parses its control file.
+pub fn read(path: &Path) -> Result<DebInfo, DebError> {
+    let mut file = std::fs::File::open(path)?;
+    let (size, sha256, sha512) = hash(&mut file)?;
+    file.seek(SeekFrom::Start(0))?;
+    let mut control = control_stanza(&mut file, size)?;
+    let Identity {
+        package,
+        version,
+        architecture,
+    } = identity(&control)?;
     let source = match control.get("Source") {
         Some(text) => {
             let name = text

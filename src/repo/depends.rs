@@ -10,7 +10,7 @@ use debversion::Version;
 
 /// What is (or will be) installed: versions by name, and virtual names
 /// satisfied through `Provides` (with the provided version, if any).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Installed {
     pub versions: HashMap<String, Version>,
     pub provides: HashMap<String, Vec<Option<Version>>>,

@@ -34,6 +34,20 @@ impl Candidate {
     }
 }
 
+/// Debian version equality (Debian Policy §5.6.12): `0:1.0-1`, `1.0-1`
+/// and `1.0-1` are one version, as dpkg sees them; aptly publishes the
+/// version as the control file spells it, dpkg records it without a zero
+/// epoch. Text that does not parse as a version is compared as text.
+pub fn same_version(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    match (a.parse::<Version>(), b.parse::<Version>()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PackagesError {
     Parse(String),
@@ -273,6 +287,17 @@ mod tests {
             select(&candidates, &spec("absent"), None),
             Err(SelectError::Missing)
         );
+    }
+
+    #[test]
+    fn versions_are_equal_by_debian_order_not_text() {
+        assert!(same_version("0:1.0.1", "1.0.1"));
+        assert!(same_version("1.0.1", "0:1.0.1"));
+        assert!(same_version("1.0", "1.0-0"));
+        assert!(!same_version("1:1.0.1", "1.0.1"));
+        assert!(!same_version("1.0.1", "1.0.10"));
+        assert!(!same_version("not a version", "1.0"));
+        assert!(same_version("not a version", "not a version"));
     }
 
     #[test]

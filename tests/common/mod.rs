@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod faulty;
+pub mod fixture;
 pub mod imds;
 pub mod node;
 pub mod repo;

@@ -95,8 +95,9 @@ impl Node {
         self.root.installed_version(package)
     }
 
+    /// The files in the agent's own cache directory (`cache/pulldeploy`).
     pub fn cache_files(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.dir.path().join("cache"))
+        let mut names: Vec<String> = std::fs::read_dir(self.dir.path().join("cache/pulldeploy"))
             .map(|entries| {
                 entries
                     .flatten()
