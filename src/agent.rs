@@ -1027,7 +1027,7 @@ impl Agent {
                 reason,
             })?;
         let suite = &self.config.repository.suite;
-        if release.suite.as_deref() != Some(suite.as_str()) {
+        if !release.matches_suite(suite) {
             return Err(VerifyError::WrongSuite {
                 url: url.clone(),
                 expected: suite.clone(),
