@@ -744,6 +744,15 @@ fn killed_mid_install_state_write() {
     agent_pid.store(agent.pid(), Ordering::SeqCst);
     agent.wait_for_line("installed and healthy package=myapp", LIMIT);
     assert!(trap_set.load(Ordering::SeqCst), "the FIFO was not set");
+    // The kill must land inside the commit's write: the agent is blocked
+    // opening the temp file (a FIFO with no reader). An agent that wrote
+    // state.json in place would never get here.
+    let pid = agent.pid();
+    wait_for(
+        "the agent blocked in the state write (the trap)",
+        LIMIT,
+        || blocked_opening_a_fifo(pid),
+    );
     agent.kill();
     let fifo = f
         .state_dir()
@@ -759,6 +768,17 @@ fn killed_mid_install_state_write() {
 
     let out = f.once();
     assert_converged_on_1_1(&f, &out);
+}
+
+/// True when a thread of `pid` waits in open(2) of a FIFO for a reader
+/// (the kernel's `wait_for_partner`).
+fn blocked_opening_a_fifo(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("wchan")).is_ok_and(|w| w == "wait_for_partner")
+    })
 }
 
 #[test]
