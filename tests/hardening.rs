@@ -64,6 +64,14 @@ fn two_runs_on_one_state() {
         f.root().join("in-postinst").exists()
     });
     let state_during = std::fs::read(f.state_dir().join("state.json")).expect("state.json");
+    // `status` takes no lock: it answers at once while the lock is held.
+    let status = Running::start(f.node.command(&["status"])).finish(Duration::from_secs(5));
+    assert!(status.status.success(), "status: {}", stderr(&status));
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("myapp: 1.0"),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
     let started = Instant::now();
     let second = Running::start(f.node.command(&["once"])).finish(LIMIT);
     let waited = started.elapsed();
