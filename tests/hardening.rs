@@ -99,10 +99,17 @@ fn two_runs_on_one_state() {
         state_versions(&state),
         (Some("1.0.1".into()), Some("1.0".into()))
     );
-    assert!(
-        state.release.as_ref().map(|r| r.date) > accepted.as_ref().map(|r| r.date),
-        "the accepted Release did not move forward"
+    // The Release of 1.0.1 is the one accepted (two publishes may share a
+    // Date second; the ETag of the replaced InRelease differs).
+    let (now, then) = (
+        state.release.expect("accepted"),
+        accepted.expect("accepted"),
     );
+    assert!(
+        now.date >= then.date,
+        "the accepted Release Date moved back"
+    );
+    assert_ne!(now.etag, then.etag, "the 1.0.1 Release was not accepted");
 }
 
 /// `once` commits between two cycles of a running daemon; the daemon's
