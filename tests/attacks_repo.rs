@@ -1,8 +1,9 @@
-//! Hostile repositories: ATTACKS.md "Signatures and parsing", "Freshness
-//! and rollback" and "Integrity and size". Each test is named after its row,
-//! builds the hostile input with real gpg and dpkg-deb, and asserts the
-//! named error, that nothing was installed, and that the last accepted
-//! state did not move.
+//! Hostile repositories: the signature, parsing, freshness, rollback,
+//! integrity and size rows of the attack matrix in README ("What pulldeploy
+//! verifies"). Each test is named after the attack it builds, builds the
+//! hostile input with real gpg and dpkg-deb, and asserts the named error,
+//! that nothing was installed, and that the last accepted state did not
+//! move.
 //!
 //! The repositories are hand-made in a directory (`file://`) so that every
 //! byte is under the test's control; the agent reads S3 and directories

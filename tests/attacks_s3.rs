@@ -1,5 +1,5 @@
-//! ATTACKS.md, sections "Credentials (IMDS)" and "S3 and network": one test
-//! per row, named after it.
+//! The credentials (IMDS), S3 and network rows of the attack matrix in
+//! README ("What pulldeploy verifies"): one test per attack, named after it.
 //!
 //! Every test builds its hostile input itself: a repository published by
 //! aptly to moto's S3, reached through a fault-injecting proxy
@@ -31,7 +31,7 @@ use pulldeploy::state::State;
 const BUCKET: &str = "acme-apt";
 const PREFIX: &str = "repo";
 
-/// Exit codes of the agent's contract (DESIGN.md, "Command line").
+/// Exit codes of the agent's contract (sysexits; README, "Commands").
 const EX_UNAVAILABLE: i32 = 69;
 
 /// Credentials IMDS serves in the daemon tests expire this soon. The agent
@@ -1061,7 +1061,7 @@ fn no_change_poll() {
     assert_eq!(node.installed("myapp").as_deref(), Some("1.0"));
 }
 
-/// ATTACKS.md "Integrity and size": a server that sends one byte a second.
+/// A server that sends one byte a second (integrity and size).
 /// The cycle's overall deadline (`agent.cycle_timeout`) ends it; nothing
 /// moves, and the next cycle, against a healthy server, installs.
 #[test]
