@@ -1002,7 +1002,7 @@ fn partial_download() {
     assert_eq!(fetched.len(), 1, "{fetched:#?}");
     assert_eq!(fetched[0].range, None, "resumed with a Range request");
     assert_eq!(fetched[0].body_bytes, deb_bytes.len());
-    let cached = node.dir.path().join("cache/myapp_1.1_amd64.deb");
+    let cached = node.dir.path().join("cache/pulldeploy/myapp_1.1_amd64.deb");
     let cached_bytes = std::fs::read(&cached).expect("the .deb is in the cache");
     assert_eq!(sha256_hex(&cached_bytes), sha256_hex(&deb_bytes));
     assert_eq!(
