@@ -280,6 +280,64 @@ fn parse_verified_bytes_only() {
     );
 }
 
+/// A correctly signed Release of another suite, served where this node's
+/// suite belongs (a replay or mix-and-match across suites: `staging`
+/// carries a newer build, signed by the same key, than `production`).
+/// Refused with both names in the error. apt's rule is that either
+/// `Suite` or `Codename` may name the suite, so a Release whose Codename
+/// is ours while its Suite is not (or the reverse) is accepted.
+#[test]
+fn wrong_suite() {
+    let mut f = fixture();
+    let before = f.accepted();
+    f.add("1.1");
+    let staging = ReleaseFields {
+        suite: "staging".into(),
+        ..ReleaseFields::default()
+    };
+    let text = f.repo.publish(&f.key, &staging);
+    assert!(
+        text.contains("Suite: staging\nCodename: staging\n"),
+        "{text}"
+    );
+    assert_rejected(
+        &f.node,
+        &f.node.once(),
+        65,
+        "Suite/Codename is \"staging/staging\", expected \"production\"",
+        &before,
+        Some("1.0"),
+    );
+    assert!(f.node.cache_files().iter().all(|n| !n.contains("1.1")));
+
+    // Codename names our suite, Suite another one: accepted.
+    let lines = f.repo.write_indexes(&f.repo.packages_text(), false);
+    let by_codename = HandRepo::release_text(&ReleaseFields::default(), &lines).replacen(
+        "Suite: production\n",
+        "Suite: stable\n",
+        1,
+    );
+    assert!(by_codename.contains("Suite: stable\nCodename: production\n"));
+    f.repo.write_signed(&f.key, &by_codename);
+    let out = f.node.once();
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "installed myapp 1.1");
+
+    // Suite names our suite, Codename another one: accepted too.
+    f.add("1.2");
+    let lines = f.repo.write_indexes(&f.repo.packages_text(), false);
+    let by_suite = HandRepo::release_text(&ReleaseFields::default(), &lines).replacen(
+        "Codename: production\n",
+        "Codename: trixie\n",
+        1,
+    );
+    assert!(by_suite.contains("Suite: production\nCodename: trixie\n"));
+    f.repo.write_signed(&f.key, &by_suite);
+    let out = f.node.once();
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "installed myapp 1.2");
+}
+
 #[test]
 fn detached_sig_payload() {
     let f = fixture();
