@@ -338,6 +338,72 @@ fn wrong_suite() {
     assert_eq!(stdout(&out), "installed myapp 1.2");
 }
 
+/// Trailing spaces, a tab or a CR added to a signed line keep the
+/// signature valid: cleartext signatures are computed without trailing
+/// whitespace and with canonical line ends (RFC 9580 §7.2), and gpg agrees.
+/// Sequoia's verified output drops the spaces and tabs and keeps the CR,
+/// while the framing keeps the spaces and tabs and drops the CR, so the
+/// text that is parsed would depend on which of the two is read. The agent
+/// parses only the verified text and refuses the Release when it differs
+/// from the framed one: the named error, nothing installed, state unmoved.
+#[test]
+fn signed_line_trailing_whitespace() {
+    let mut f = fixture();
+    let before = f.accepted();
+    // 1.1 is published; each variant below is that InRelease, re-framed.
+    f.add("1.1");
+    f.repo.publish(&f.key, &ReleaseFields::default());
+    let good = f.inrelease();
+    let xz_line = good
+        .lines()
+        .find(|l| l.ends_with(" main/binary-amd64/Packages.xz"))
+        .expect("a SHA256 line for Packages.xz")
+        .to_string();
+    let variants = [
+        (
+            "spaces after Suite",
+            good.replacen("Suite: production\n", "Suite: production   \n", 1),
+        ),
+        (
+            "a tab after a SHA256 line",
+            good.replacen(&format!("{xz_line}\n"), &format!("{xz_line}\t\n"), 1),
+        ),
+        (
+            "a CR ending the Suite line",
+            good.replacen("Suite: production\n", "Suite: production\r\n", 1),
+        ),
+    ];
+    for (what, variant) in variants {
+        assert_ne!(variant, good, "{what}: the variant changed nothing");
+        // Still validly signed, by gpg's own reading.
+        run_with_input(
+            f.key.gpg().arg("--verify"),
+            variant.as_bytes(),
+            &format!("gpg --verify of the InRelease with {what}"),
+        );
+        f.write_inrelease(&variant);
+        let out = f.node.once();
+        assert_rejected(
+            &f.node,
+            &out,
+            65,
+            "signed text differs from the cleartext framing",
+            &before,
+            Some("1.0"),
+        );
+        assert!(
+            failure(&out).1.contains("InRelease"),
+            "{what}: the error names the file: {}",
+            failure(&out).1
+        );
+    }
+    // The same InRelease as signed is accepted.
+    f.write_inrelease(&good);
+    let out = f.node.once();
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "installed myapp 1.1");
+}
+
 #[test]
 fn detached_sig_payload() {
     let f = fixture();
