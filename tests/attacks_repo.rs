@@ -955,6 +955,74 @@ fn index_hash_mismatch() {
     assert!(node.cache_files().iter().all(|f| !f.ends_with(".deb")));
 }
 
+/// The Packages index named by a signed Release is swapped for another
+/// well-formed one of the same size (as from another suite or an older
+/// publish) that offers myapp 2.0, a .deb in the pool whose size and hash
+/// match that other index. Only the index's SHA256 from Release stands
+/// between the swap and installing 2.0: the cycle must fail on it, install
+/// nothing and move no state. The Release lists the uncompressed index
+/// only, so the swapped file can be exactly as long as the real one and
+/// the size check alone cannot catch it.
+#[test]
+fn packages_swapped_for_another_valid_index() {
+    let f = fixture();
+    let deb = build_deb(f.debs.path(), &DebSpec::new("myapp", "2.0"));
+    let mut other = HandRepo::new();
+    let pool = other.add_deb(&deb);
+    std::fs::copy(&deb, f.repo.path(&pool)).expect("2.0 into the pool");
+    // Both indexes padded to one length with a field Packages may carry.
+    let (ours, theirs) = (f.repo.packages_text(), other.packages_text());
+    let length = ours.len().max(theirs.len()) + 16;
+    let pad = |text: &str| format!("X-Pad: {}\n", "p".repeat(length - text.len() - 8));
+    let ours = format!("{ours}{}", pad(&ours));
+    let theirs = format!("{theirs}{}", pad(&theirs));
+    assert_eq!(ours.len(), theirs.len());
+    assert!(theirs.contains("Version: 2.0\n") && !theirs.contains("Version: 1.0\n"));
+
+    let plain_only = |lines: String| -> String {
+        lines
+            .lines()
+            .filter(|l| l.ends_with(" main/binary-amd64/Packages"))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let lines = plain_only(f.repo.write_indexes(&ours, false));
+    f.repo.write_signed(
+        &f.key,
+        &HandRepo::release_text(&ReleaseFields::default(), &lines),
+    );
+    let index = f.repo.dists("main/binary-amd64/Packages");
+    std::fs::write(&index, &theirs).expect("swap the index");
+    let out = f.node.once();
+    assert_rejected(&f.node, &out, 65, "SHA256 mismatch", &fresh(), None);
+    assert!(
+        failure(&out).1.contains("main/binary-amd64/Packages:"),
+        "the error names the index: {}",
+        failure(&out).1
+    );
+    assert!(
+        f.node.cache_files().iter().all(|n| !n.ends_with(".deb")),
+        "{:?}",
+        f.node.cache_files()
+    );
+    assert!(!f.node.root.dpkg_log().exists(), "dpkg must never have run");
+
+    // The real index installs 1.0 ...
+    std::fs::write(&index, &ours).expect("the real index back");
+    let out = f.node.once();
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "installed myapp 1.0");
+    // ... and the swapped one is a sound index: signed for, it installs 2.0.
+    let lines = plain_only(f.repo.write_indexes(&theirs, false));
+    f.repo.write_signed(
+        &f.key,
+        &HandRepo::release_text(&ReleaseFields::default(), &lines),
+    );
+    let out = f.node.once();
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "installed myapp 2.0");
+}
+
 #[test]
 fn deb_substituted() {
     let f = fixture();
