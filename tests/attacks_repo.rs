@@ -1050,6 +1050,10 @@ fn deb_substituted() {
     assert_rejected(&f.node, &f.node.once(), 65, "size mismatch", &fresh(), None);
 }
 
+/// Over `file://` the caps show in the errors; that reading stops at the
+/// cap, rather than the whole body being read and refused afterwards, is
+/// shown over S3, where the bytes sent can be counted (attacks_s3.rs,
+/// `endless_deb_stops_at_size_plus_one`, `endless_inrelease_stops_at_the_cap`).
 #[test]
 fn endless_data() {
     // InRelease over its cap.

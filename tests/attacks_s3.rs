@@ -1099,3 +1099,146 @@ fn slow_trickle() {
     assert_ok(&out);
     assert_eq!(node.installed("myapp").as_deref(), Some("1.1"));
 }
+
+/// Bytes behind each endless object below: far more than any cap.
+const ENDLESS_BYTES: usize = 64 << 20;
+
+/// The S3 key, under the published prefix, that ends with `suffix`.
+fn object_key(fx: &Fixture, suffix: &str) -> String {
+    let keys = fx.moto.list_keys(BUCKET, PREFIX);
+    keys.iter()
+        .find(|k| k.ends_with(suffix))
+        .unwrap_or_else(|| panic!("no key ends with {suffix}: {keys:?}"))
+        .clone()
+}
+
+/// The one request after `mark` that `matches`, once the proxy stopped
+/// sending its body (all of it, or the agent closed the connection).
+#[track_caller]
+fn finished_request(
+    proxy: &FaultyProxy,
+    mark: usize,
+    matches: impl Fn(&Proxied) -> bool,
+) -> Proxied {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen: Vec<Proxied> = proxy.since(mark).into_iter().filter(&matches).collect();
+        assert!(seen.len() <= 1, "asked more than once: {seen:#?}");
+        if let Some(request) = seen.into_iter().next().filter(|r| r.written.is_some()) {
+            return request;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy did not finish the request: {:#?}",
+            proxy.since(mark)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Asserts that the agent took only a small part of an endless body of
+/// `total` bytes: reading stopped near the cap and the connection was
+/// closed, rather than the whole body being read and refused afterwards.
+#[track_caller]
+fn assert_stopped_early(request: &Proxied, total: usize) {
+    assert_eq!(request.status, Some(200), "{request:#?}");
+    assert_eq!(request.declared_bytes, Some(total), "{request:#?}");
+    let written = request.written.unwrap_or(total);
+    eprintln!(
+        "{}: the proxy sent {written} of {total} bytes",
+        request.key_path()
+    );
+    assert!(
+        written < total / 4,
+        "the agent read {written} of {total} bytes of {}; it should stop at the cap",
+        request.key_path()
+    );
+}
+
+/// A .deb object far longer than the Size its signed index declares (some
+/// 11 KiB declared, 64 MiB served): the download stops at Size + 1 bytes
+/// and the connection is dropped, so the server sends a small part of the
+/// object (the agent does not read it all and refuse it afterwards), and
+/// nothing is kept or installed.
+#[test]
+fn endless_deb_stops_at_size_plus_one() {
+    let fx = Fixture::new(Behaviour::default());
+    let (node, before) = fx.node_with("1.0");
+    let deb = fx.publish(&DebSpec {
+        payload_bytes: 10 * 1024,
+        ..DebSpec::new("myapp", "1.1")
+    });
+    let mut endless = std::fs::read(&deb).expect("read the .deb");
+    let declared = endless.len();
+    endless.resize(ENDLESS_BYTES, 0);
+    fx.moto
+        .put_object(BUCKET, &object_key(&fx, "/myapp_1.1_amd64.deb"), &endless);
+    let mark = fx.proxy.mark();
+
+    let out = node.once();
+
+    assert_stopped_early(
+        &finished_request(&fx.proxy, mark, |r| is_deb(r, "1.1")),
+        ENDLESS_BYTES,
+    );
+    assert_failed(
+        &out,
+        65,
+        &[
+            "myapp_1.1_amd64.deb",
+            &format!("longer than the declared {declared} bytes"),
+        ],
+    );
+    assert_unmoved(&node, &before, "1.0");
+}
+
+/// A validly signed InRelease padded far past `repository.max_release_bytes`
+/// (64 KiB allowed, 64 MiB served): reading stops at the cap and the
+/// connection is dropped, so the server sends a small part of it. Read
+/// whole, it would verify and install 1.1.
+#[test]
+fn endless_inrelease_stops_at_the_cap() {
+    let fx = Fixture::new(Behaviour::default());
+    let (node, before) = fx.node_with("1.0");
+    let config = std::fs::read_to_string(&node.config).expect("read config");
+    std::fs::write(
+        &node.config,
+        config.replacen(
+            "[repository]\n",
+            "[repository]\nmax_release_bytes = 65536\n",
+            1,
+        ),
+    )
+    .expect("write config");
+    fx.publish(&DebSpec::new("myapp", "1.1"));
+    let release = fx
+        .moto
+        .get_object(BUCKET, &format!("{PREFIX}/dists/production/Release"))
+        .expect("the published Release");
+    let line = format!(" {}\n", "p".repeat(1023));
+    let mut padded = String::from_utf8(release).expect("Release is text");
+    padded.push_str("X-Padding: endless\n");
+    while padded.len() < ENDLESS_BYTES {
+        padded.push_str(&line);
+    }
+    let endless = fx.key.clearsign(padded.as_bytes());
+    fx.moto.put_object(
+        BUCKET,
+        &format!("{PREFIX}/dists/production/InRelease"),
+        &endless,
+    );
+    let mark = fx.proxy.mark();
+
+    let out = node.once();
+
+    assert_stopped_early(
+        &finished_request(&fx.proxy, mark, is_inrelease),
+        endless.len(),
+    );
+    assert_failed(
+        &out,
+        65,
+        &["InRelease", "larger than the limit of 65536 bytes"],
+    );
+    assert_unmoved(&node, &before, "1.0");
+}

@@ -93,6 +93,13 @@ pub struct Proxied {
     pub body_bytes: usize,
     /// The full body length announced in Content-Length.
     pub declared_bytes: Option<usize>,
+    /// For a relayed answer: the body bytes the client's connection took
+    /// before the proxy stopped sending, because the body was all sent or
+    /// because the client closed the connection. `None` while still
+    /// sending, and for answers the proxy made up or faulted. The kernel
+    /// buffers some bytes the client never reads, so a client that stops
+    /// early shows a count a little above what it read, far below the body.
+    pub written: Option<usize>,
     /// The access key id in the SigV4 `Authorization` header.
     pub access_key: Option<String>,
     pub if_none_match: Option<String>,
@@ -270,6 +277,7 @@ fn serve(client: TcpStream, upstream_port: u16, shared: &Shared) {
             status: None,
             body_bytes: 0,
             declared_bytes: None,
+            written: None,
             access_key: request.header("authorization").and_then(access_key),
             if_none_match: request.header("if-none-match").map(str::to_string),
             range: request.header("range").map(str::to_string),
@@ -363,8 +371,14 @@ fn serve(client: TcpStream, upstream_port: u16, shared: &Shared) {
                     }
                     _ => {
                         record.body_bytes = body.len();
-                        push(shared, record);
-                        client.write_all(head.as_bytes()).is_ok() && client.write_all(body).is_ok()
+                        let entry = push(shared, record);
+                        let (written, whole) = if client.write_all(head.as_bytes()).is_ok() {
+                            write_counted(&mut client, body)
+                        } else {
+                            (0, false)
+                        };
+                        shared.log.lock().expect("proxy log")[entry].written = Some(written);
+                        whole
                     }
                 }
             }
@@ -400,8 +414,27 @@ fn send_error(
     client.write_all(head.as_bytes()).is_ok() && client.write_all(body.as_bytes()).is_ok()
 }
 
-fn push(shared: &Shared, record: Proxied) {
-    shared.log.lock().expect("proxy log").push(record);
+/// Logs `record`; returns its index in the log.
+fn push(shared: &Shared, record: Proxied) -> usize {
+    let mut log = shared.log.lock().expect("proxy log");
+    log.push(record);
+    log.len() - 1
+}
+
+/// Writes `body`, counting the bytes the connection took; returns that
+/// count and whether all of it was taken.
+fn write_counted(client: &mut TcpStream, body: &[u8]) -> (usize, bool) {
+    let mut written = 0;
+    while written < body.len() {
+        let end = body.len().min(written + 64 * 1024);
+        match client.write(&body[written..end]) {
+            Ok(0) => return (written, false),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return (written, false),
+        }
+    }
+    (written, true)
 }
 
 fn take_fault(shared: &Shared, path: &str) -> Option<Fault> {
