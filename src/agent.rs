@@ -262,7 +262,7 @@ impl Agent {
     /// An unchanged poll after an unchanged poll is written at most every
     /// [`UNCHANGED_POLL_PERSIST`]: state.json is replaced with two fsyncs,
     /// which would otherwise be most of the cost of a 304 poll.
-    pub fn record(&self, state: &mut State, result: &Result<Outcome, Error>) -> Result<(), Error> {
+    fn record(&self, state: &mut State, result: &Result<Outcome, Error>) -> Result<(), Error> {
         let now = Utc::now();
         match result {
             Ok(outcome) => {
@@ -837,6 +837,16 @@ impl Agent {
                 Ok(()) => self.health_gate().await,
                 Err(e) => Err(e.to_string()),
             };
+            if rollback.is_ok() {
+                // The committed versions are back; keep the record of their
+                // .debs (fetched again if the cache had lost them), so that
+                // pruning keeps them as the way back of the next upgrade.
+                for package in &pending.packages {
+                    if let Some(from) = package.from.as_ref().filter(|f| f.deb.is_some()) {
+                        next.installed.insert(package.name.clone(), from.clone());
+                    }
+                }
+            }
             match rollback {
                 Ok(()) => InstallError::RolledBack {
                     package: first.name.clone(),

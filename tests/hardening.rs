@@ -59,7 +59,7 @@ fn two_runs_on_one_state() {
     f.publish(&[pkg("myapp", "1.0.1").postinst(&hold_at("in-postinst"))]);
     let accepted = f.node.state().release;
 
-    let mut first = Running::start(f.node.command(&["once"]));
+    let first = Running::start(f.node.command(&["once"]));
     wait_for("1.0.1's postinst", LIMIT, || {
         f.root().join("in-postinst").exists()
     });
@@ -240,6 +240,8 @@ fn rollback_without_a_cached_deb() {
     assert_eq!(versions(&state.installed), versions(&before.installed));
     assert_eq!(state.bad, bad(&[("myapp", &["1.1"])]));
     assert_eq!(state.release, before.release);
+    // The way back fetched again stays for the next upgrade.
+    assert_eq!(cached_debs(&f.node), ["myapp_1.0_amd64.deb"]);
 }
 
 /// The cache is empty and the repository no longer offers 1.0: the
@@ -390,4 +392,28 @@ fn work_done_once_per_install() {
     let count = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
     assert_eq!(count("reading dpkg status"), 2, "{log}");
     assert_eq!(count("installing package=myapp"), 1, "{log}");
+}
+
+/// 1.0 was installed by hand (user-data, apt): the agent has no .deb of
+/// it. The way back is fetched from the repository before the upgrade,
+/// used by the rollback, and kept for the next upgrade.
+#[test]
+fn way_back_for_a_version_installed_by_hand() {
+    let mut f = fixture(&["myapp"], "");
+    let debs = f.publish(&[pkg("myapp", "1.0")]);
+    f.node.root.dpkg_install(&debs[0]);
+    let out = f.once();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(f.node.state().installed["myapp"].deb, None);
+
+    f.publish(&[pkg("myapp", "1.1").postinst("exit 1")]);
+    let out = f.once();
+    assert_failed(&out, 70, &["rolled back to myapp 1.0"]);
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    assert_eq!(cached_debs(&f.node), ["myapp_1.0_amd64.deb"]);
+    let state = f.node.state();
+    assert_eq!(
+        state.installed["myapp"].deb.as_deref(),
+        Some("myapp_1.0_amd64.deb")
+    );
 }
