@@ -128,6 +128,19 @@ pub enum KeyringError {
     Empty { path: PathBuf },
     #[error("keyring {path}: no certificate has a key that may sign now ({details})")]
     NoSigningKey { path: PathBuf, details: String },
+    /// A node needs only the public key; a secret key on every node lets
+    /// anyone who takes one sign Releases for all of them.
+    #[error(
+        "keyring {path} holds the secret key of {secret}; a node needs only the public key: \
+         export just that with `gpg --export --armor {fingerprints} > {path}` and keep the secret key off the nodes"
+    )]
+    SecretKey {
+        path: PathBuf,
+        /// The certificates with secret key material, comma-separated.
+        secret: String,
+        /// Every certificate of the file, space-separated, for the command.
+        fingerprints: String,
+    },
 }
 
 /// Where bytes come from. "Not found" is kept apart from "failed".

@@ -40,7 +40,8 @@ pub struct Verified {
 
 impl Keyring {
     /// Loads every certificate in `path` (armored or binary). Fails when the
-    /// file holds none, or none that can sign now under the policy.
+    /// file holds none, holds secret key material, or holds no certificate
+    /// that can sign now under the policy.
     pub fn load(path: &Path) -> Result<Keyring, KeyringError> {
         let bytes = std::fs::read(path).map_err(|source| KeyringError::Read {
             path: path.to_path_buf(),
@@ -56,19 +57,14 @@ impl Keyring {
                 path: path.to_path_buf(),
                 message: format!("{e:#}"),
             })?;
-            if cert.is_tsk() {
-                // A secret key in a node's keyring is a deployment mistake;
-                // keep only the public part in memory.
-                certs.push(cert.strip_secret_key_material());
-            } else {
-                certs.push(cert);
-            }
+            certs.push(cert);
         }
         if certs.is_empty() {
             return Err(KeyringError::Empty {
                 path: path.to_path_buf(),
             });
         }
+        refuse_secret_keys(path, &certs)?;
         let keyring = Keyring {
             path: path.to_path_buf(),
             certs,
@@ -241,6 +237,31 @@ impl Keyring {
     }
 }
 
+/// Refuses a keyring with secret key material on any key (primary or
+/// subkey, even a stub-exported `--export-secret-subkeys`): a node needs
+/// only the public key, and a secret key copied to every node is a signing
+/// key anyone who takes one node can use. The error gives the command that
+/// exports every certificate of the file without its secrets.
+fn refuse_secret_keys(path: &Path, certs: &[Cert]) -> Result<(), KeyringError> {
+    let secret: Vec<String> = certs
+        .iter()
+        .filter(|cert| cert.is_tsk())
+        .map(|cert| cert.fingerprint().to_hex())
+        .collect();
+    if secret.is_empty() {
+        return Ok(());
+    }
+    let fingerprints: Vec<String> = certs
+        .iter()
+        .map(|cert| cert.fingerprint().to_hex())
+        .collect();
+    Err(KeyringError::SecretKey {
+        path: path.to_path_buf(),
+        secret: secret.join(", "),
+        fingerprints: fingerprints.join(" "),
+    })
+}
+
 /// A detached signature file (Release.gpg) is one armored signature block
 /// or binary packets, and nothing else: no bytes before the armor, none
 /// after it, no second block. apt learned this from CVE-2019-3462's
@@ -407,5 +428,95 @@ fn describe_failure(error: &VerificationError) -> String {
         }
         VerificationError::UnknownSignature { .. } => "unparsable signature".to_string(),
         _ => "unknown verification error".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openpgp::cert::CertBuilder;
+    use openpgp::serialize::SerializeInto;
+
+    fn signing_cert() -> Cert {
+        CertBuilder::new()
+            .add_userid("Repo <repo@acme.test>")
+            .add_signing_subkey()
+            .generate()
+            .expect("generate a certificate")
+            .0
+    }
+
+    fn keyring_file(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), bytes).expect("write keyring");
+        file
+    }
+
+    #[track_caller]
+    fn assert_secret_refused(file: &tempfile::NamedTempFile, cert: &Cert) {
+        let error = Keyring::load(file.path()).expect_err("a secret keyring was accepted");
+        assert!(matches!(error, KeyringError::SecretKey { .. }), "{error:?}");
+        let message = error.to_string();
+        let command = format!("gpg --export --armor {}", cert.fingerprint().to_hex());
+        assert!(message.contains(&command), "{message}");
+        assert!(
+            message.contains(&file.path().display().to_string()),
+            "{message}"
+        );
+        assert_eq!(
+            crate::error::Error::from(error).exit_code(),
+            crate::error::exit::USAGE
+        );
+    }
+
+    #[test]
+    fn a_secret_key_is_refused_with_the_export_command() {
+        let cert = signing_cert();
+        let armored = cert.as_tsk().armored().to_vec().expect("armor");
+        assert_secret_refused(&keyring_file(&armored), &cert);
+    }
+
+    #[test]
+    fn a_secret_subkey_alone_is_refused_too() {
+        let cert = signing_cert();
+        let primary = cert.fingerprint();
+        let tsk = cert
+            .as_tsk()
+            .set_filter(move |key| key.fingerprint() != primary)
+            .to_vec()
+            .expect("serialize");
+        // The primary key is public: only the signing subkey is secret.
+        let parsed = Cert::from_bytes(&tsk).expect("parse");
+        assert!(!parsed.primary_key().key().has_secret());
+        assert!(parsed.keys().subkeys().any(|k| k.key().has_secret()));
+        assert_secret_refused(&keyring_file(&tsk), &cert);
+    }
+
+    #[test]
+    fn a_secret_key_beside_a_public_one_names_both_in_the_command() {
+        let (public, secret) = (signing_cert(), signing_cert());
+        let mut bytes = public.armored().to_vec().expect("armor");
+        bytes.extend(secret.as_tsk().armored().to_vec().expect("armor"));
+        let error = Keyring::load(keyring_file(&bytes).path()).expect_err("accepted");
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("secret key of {};", secret.fingerprint().to_hex())),
+            "{message}"
+        );
+        assert!(
+            message.contains(&public.fingerprint().to_hex()),
+            "the public certificate is left out of the export: {message}"
+        );
+    }
+
+    #[test]
+    fn the_public_key_alone_loads() {
+        let cert = signing_cert();
+        let file = keyring_file(&cert.armored().to_vec().expect("armor"));
+        let keyring = Keyring::load(file.path()).expect("public keyring");
+        assert_eq!(
+            keyring.signing_fingerprints(SystemTime::now()),
+            [cert.fingerprint().to_hex()]
+        );
     }
 }
