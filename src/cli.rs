@@ -1,5 +1,6 @@
-//! Command-line definitions (clap). The commands are a contract: see
-//! DESIGN.md "Command line".
+//! Command-line definitions (clap). The commands, their options and the
+//! exit codes are a contract other tools are written against: extend them,
+//! never break them.
 
 use std::path::PathBuf;
 

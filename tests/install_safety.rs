@@ -1,4 +1,4 @@
-//! dpkg and the host: ATTACKS.md "dpkg and host", one test per row, plus
+//! dpkg and the host: the attack matrix's "dpkg and host" rows, one test each, plus
 //! the health-gated commit, bad versions, `/healthz` draining and the
 //! rollback cache.
 //!
@@ -935,7 +935,7 @@ fn unmet_depends() {
 #[test]
 fn report_fails_after_commit() {
     // The report of a commit is state.json (what `status` and the next
-    // start read; DESIGN.md "report"). Here it cannot be written once 1.1
+    // start read). Here it cannot be written once 1.1
     // is installed and healthy: a directory takes the place of the temp
     // file the agent writes (`.state.json.tmp.<pid>`).
     let mut f = fixture(

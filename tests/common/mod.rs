@@ -4,7 +4,6 @@
 //!
 //! Integration tests include it with `mod common;`. Every helper panics with the failing
 //! command, its exit status, stdout and stderr, so a broken fixture says what broke.
-//! See DESIGN.md, "Test infrastructure".
 
 // Each test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
