@@ -17,7 +17,8 @@
 //! - [`keyring`]: pinned certificates and the signature policy (Sequoia).
 //! - [`install`]: dpkg as a subprocess.
 //! - [`health`]: `/healthz` and the app probe.
-//! - [`state`]: `state.json`, written atomically.
+//! - [`state`]: `state.json`, written atomically, and the lock that makes
+//!   one `run` cycle or `once` its only writer.
 //! - [`agent`]: one cycle, the only place that sequences the steps.
 //! - [`daemon`]: interval, jitter, health server, reload, shutdown.
 //! - [`notify`]: systemd readiness and watchdog; [`logging`]: text or JSON.
