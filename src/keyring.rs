@@ -435,7 +435,9 @@ fn describe_failure(error: &VerificationError) -> String {
 mod tests {
     use super::*;
     use openpgp::cert::CertBuilder;
+    use openpgp::packet::signature::SignatureBuilder;
     use openpgp::serialize::SerializeInto;
+    use openpgp::types::{KeyFlags, SignatureType};
 
     fn signing_cert() -> Cert {
         CertBuilder::new()
@@ -507,6 +509,210 @@ mod tests {
             message.contains(&public.fingerprint().to_hex()),
             "the public certificate is left out of the export: {message}"
         );
+    }
+
+    fn signing_keypair(cert: &Cert) -> openpgp::crypto::KeyPair {
+        cert.keys()
+            .with_policy(&StandardPolicy::new(), None)
+            .secret()
+            .for_signing()
+            .next()
+            .expect("a signing key")
+            .key()
+            .clone()
+            .into_keypair()
+            .expect("keypair")
+    }
+
+    fn binary_signature(builder: SignatureBuilder, cert: &Cert, data: &[u8]) -> Vec<u8> {
+        let signature = builder
+            .sign_message(&mut signing_keypair(cert), data)
+            .expect("sign");
+        openpgp::Packet::from(signature)
+            .to_vec()
+            .expect("serialize")
+    }
+
+    fn armored(binary: &[u8]) -> Vec<u8> {
+        let mut writer = openpgp::armor::Writer::new(Vec::new(), openpgp::armor::Kind::Signature)
+            .expect("armor writer");
+        std::io::Write::write_all(&mut writer, binary).expect("armor");
+        writer.finalize().expect("armor")
+    }
+
+    fn keyring_of(cert: &Cert) -> Keyring {
+        Keyring {
+            path: PathBuf::from("/etc/pulldeploy/keyring.pgp"),
+            certs: vec![cert.clone().strip_secret_key_material()],
+        }
+    }
+
+    /// `cert`'s signature over `data` with its version byte set to 9, which
+    /// no parser knows: it parses as an unknown packet with the Signature
+    /// tag.
+    fn unknown_version_signature(cert: &Cert, data: &[u8]) -> Vec<u8> {
+        let mut packet = binary_signature(SignatureBuilder::new(SignatureType::Binary), cert, data);
+        // A new-format header with a one-octet length, then the version.
+        assert_eq!((packet[0], packet[1] < 192, packet[2]), (0xc2, true, 4));
+        packet[2] = 9;
+        packet
+    }
+
+    /// `cert`'s primary key packet with its version byte set to 9: an
+    /// unknown packet with the PublicKey tag.
+    fn unknown_version_key(cert: &Cert) -> Vec<u8> {
+        let key = cert.primary_key().key().clone();
+        let mut packet = openpgp::Packet::from(key).to_vec().expect("serialize");
+        assert_eq!((packet[0], packet[1] < 192, packet[2]), (0xc6, true, 4));
+        packet[2] = 9;
+        packet
+    }
+
+    #[test]
+    fn a_detached_signature_verifies_armored_or_binary() {
+        let cert = signing_cert();
+        let data = b"Suite: production\n";
+        let binary = binary_signature(SignatureBuilder::new(SignatureType::Binary), &cert, data);
+        let armor = armored(&binary);
+        let keyring = keyring_of(&cert);
+        let now = SystemTime::now();
+        let mut armor_then_breaks = armor.clone();
+        armor_then_breaks.extend_from_slice(b"\r\n\n");
+        for signature in [&binary, &armor, &armor_then_breaks] {
+            let verified = keyring
+                .verify_detached("file:///r/Release", data, signature, now)
+                .expect("a good detached signature");
+            assert_eq!(verified.text, "Suite: production\n");
+            assert_eq!(verified.signer, cert.fingerprint().to_hex());
+        }
+    }
+
+    #[test]
+    fn detached_framing_refuses_bytes_around_or_instead_of_the_signature() {
+        let cert = signing_cert();
+        let binary = binary_signature(SignatureBuilder::new(SignatureType::Binary), &cert, b"data");
+        let armor = armored(&binary);
+        let outside = Err("data outside the single signature armor block".to_string());
+        assert_eq!(
+            detached_framing(&[armor.as_slice(), b"x"].concat()),
+            outside
+        );
+        assert_eq!(
+            detached_framing(&[armor.as_slice(), b"\n "].concat()),
+            outside
+        );
+        assert_eq!(
+            detached_framing(&[armor.as_slice(), &armor].concat()),
+            outside
+        );
+        let neither = Err("neither an armored signature nor OpenPGP packets".to_string());
+        assert_eq!(detached_framing(b"Suite: evil\n"), neither);
+        assert_eq!(detached_framing(b""), neither);
+        assert_eq!(
+            detached_framing(&[b"\n".as_slice(), &armor].concat()),
+            neither
+        );
+        assert_eq!(detached_framing(&binary), Ok(()));
+        assert_eq!(detached_framing(&armor), Ok(()));
+    }
+
+    #[test]
+    fn only_signature_packets_pass_including_unparsable_ones() {
+        let cert = signing_cert();
+        let binary = binary_signature(SignatureBuilder::new(SignatureType::Binary), &cert, b"data");
+        assert_eq!(signatures_only(&binary), Ok(()));
+        let unknown = unknown_version_signature(&cert, b"data");
+        assert_eq!(signatures_only(&unknown), Ok(()));
+        assert_eq!(
+            signatures_only(&[binary.as_slice(), &unknown].concat()),
+            Ok(())
+        );
+        let key = unknown_version_key(&cert);
+        for other in [key.clone(), [binary.as_slice(), &key].concat()] {
+            let error = signatures_only(&other).expect_err("a non-signature packet passed");
+            assert!(
+                error.ends_with("packet where only signatures may be"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn verification_failures_name_what_was_wrong() {
+        let cert = signing_cert();
+        let keyring = keyring_of(&cert);
+        let data = b"Suite: production\n";
+        let now = SystemTime::now();
+        let details = |signature: &[u8]| match keyring.verify_detached("u", data, signature, now) {
+            Err(VerifyError::Signature { details, .. }) => details,
+            other => panic!("expected a signature error, got {other:?}"),
+        };
+        assert_eq!(
+            details(&unknown_version_signature(&cert, data)),
+            "unparsable signature"
+        );
+        let no_creation_time = binary_signature(
+            SignatureBuilder::new(SignatureType::Binary)
+                .suppress_signature_creation_time()
+                .expect("suppress"),
+            &cert,
+            data,
+        );
+        let malformed = details(&no_creation_time);
+        assert!(
+            malformed.starts_with("malformed signature by "),
+            "{malformed}"
+        );
+        let other_text = binary_signature(
+            SignatureBuilder::new(SignatureType::Binary),
+            &cert,
+            b"other text",
+        );
+        let bad = details(&other_text);
+        assert!(bad.starts_with("bad signature by "), "{bad}");
+    }
+
+    #[test]
+    fn signing_key_expiry_is_that_of_the_signing_subkey() {
+        let now = SystemTime::now();
+        let day = std::time::Duration::from_secs(86_400);
+        let (cert, _) = CertBuilder::new()
+            .set_creation_time(now - day)
+            .add_userid("Repo <repo@acme.test>")
+            .add_subkey(KeyFlags::empty().set_signing(), 30 * day, None)
+            .generate()
+            .expect("generate");
+        let creation = cert
+            .keys()
+            .subkeys()
+            .next()
+            .expect("subkey")
+            .key()
+            .creation_time();
+        assert_eq!(
+            keyring_of(&cert).signing_key_expiry(now),
+            Some(creation + 30 * day)
+        );
+        assert_eq!(keyring_of(&signing_cert()).signing_key_expiry(now), None);
+    }
+
+    #[test]
+    fn a_keyring_without_a_signing_key_says_why_for_each_certificate() {
+        let (certify_only, _) = CertBuilder::new()
+            .add_userid("Repo <repo@acme.test>")
+            .generate()
+            .expect("generate");
+        let file = keyring_file(&certify_only.armored().to_vec().expect("armor"));
+        match Keyring::load(file.path()) {
+            Err(KeyringError::NoSigningKey { details, .. }) => assert_eq!(
+                details,
+                format!(
+                    "{}: no key with the signing capability that is alive and not revoked",
+                    certify_only.fingerprint()
+                )
+            ),
+            other => panic!("expected NoSigningKey, got {other:?}"),
+        }
     }
 
     #[test]

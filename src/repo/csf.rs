@@ -242,6 +242,119 @@ mod tests {
         assert!(split(twice.as_bytes()).is_err());
     }
 
+    /// A message whose signature block holds `armor` between its BEGIN and
+    /// END lines.
+    fn signed_with_armor(armor: &str) -> String {
+        format!("{BEGIN_MESSAGE}\nHash: SHA256\n\na\n{BEGIN_SIGNATURE}\n{armor}{END_SIGNATURE}\n")
+    }
+
+    #[test]
+    fn the_first_line_errors_say_what_is_wrong() {
+        let junk_on_begin = message("Hash: SHA256\n", "a").replacen(
+            BEGIN_MESSAGE,
+            "-----BEGIN PGP SIGNED MESSAGE-----junk",
+            1,
+        );
+        assert_eq!(
+            split(junk_on_begin.as_bytes()).unwrap_err(),
+            "junk after the BEGIN PGP SIGNED MESSAGE line"
+        );
+        let other_first_line = format!("Suite: evil\n{}", message("Hash: SHA256\n", "a"));
+        assert_eq!(
+            split(other_first_line.as_bytes()).unwrap_err(),
+            "does not start with -----BEGIN PGP SIGNED MESSAGE-----"
+        );
+    }
+
+    #[test]
+    fn hash_headers_allow_only_algorithm_names() {
+        for good in ["Hash: SHA1, SHA256\n", "Hash: SHA512,SHA3-256\n"] {
+            let input = message(good, "a");
+            assert_eq!(split(input.as_bytes()).unwrap().text, "a", "{good:?}");
+        }
+        for bad in [
+            "Hash: \n",
+            "Hash: SHA256;evil\n",
+            "Hash: SHA256\tx\n",
+            "Hash: SHA_256\n",
+        ] {
+            let input = message(bad, "a");
+            let error = split(input.as_bytes()).unwrap_err();
+            assert!(
+                error.starts_with("malformed Hash header"),
+                "{bad:?}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn signature_armor_headers_are_the_known_ones_before_the_blank_line() {
+        let known = signed_with_armor("Version: 1\nComment: made by a test\n\niHUE+AB/0WIQ=\n");
+        let split_known = split(known.as_bytes()).unwrap();
+        assert_eq!(split_known.text, "a");
+        assert!(split_known.signature.contains("Comment: made by a test"));
+
+        let unknown = signed_with_armor("Evil: x\n\niHUEARYIAB0WIQ=\n");
+        assert!(
+            split(unknown.as_bytes())
+                .unwrap_err()
+                .starts_with("unknown armor header")
+        );
+        let header_after_base64 = signed_with_armor("\niHUEARYIAB0WIQ=\nComment: late\n");
+        assert!(
+            split(header_after_base64.as_bytes())
+                .unwrap_err()
+                .starts_with("malformed armor line")
+        );
+    }
+
+    #[test]
+    fn signature_base64_has_no_blank_lines_or_foreign_bytes() {
+        let blank_inside = signed_with_armor("\niHUEARYIAB0WIQ=\n\n=AbCd\n");
+        assert!(
+            split(blank_inside.as_bytes())
+                .unwrap_err()
+                .starts_with("malformed armor line")
+        );
+        for bad in ["iHUE.AB0WIQ=", "iHUE AB0WIQ=", "iHUE_AB0WIQ="] {
+            let input = signed_with_armor(&format!("\n{bad}\n"));
+            let error = split(input.as_bytes()).unwrap_err();
+            assert!(
+                error.starts_with("malformed armor line"),
+                "{bad:?}: {error}"
+            );
+        }
+        let nested = signed_with_armor("\niHUEARYIAB0WIQ=\n-----BEGIN PGP MESSAGE-----\n");
+        assert!(
+            split(nested.as_bytes())
+                .unwrap_err()
+                .starts_with("unexpected armor line")
+        );
+        let no_base64 = signed_with_armor("Comment: x\n\n");
+        assert_eq!(
+            split(no_base64.as_bytes()).unwrap_err(),
+            "empty signature block"
+        );
+    }
+
+    #[test]
+    fn only_line_breaks_may_follow_the_end_line() {
+        let base = message("Hash: SHA256\n", "a");
+        for tail in ["\n", "\r\n", "\n\r\n\n"] {
+            let input = format!("{base}{tail}");
+            let split = split(input.as_bytes()).unwrap();
+            assert_eq!(split.signature, SIGNATURE, "{tail:?}");
+        }
+        for tail in ["\n ", "x", "\t\n"] {
+            let input = format!("{base}{tail}");
+            assert_eq!(
+                split(input.as_bytes()).unwrap_err(),
+                "data after -----END PGP SIGNATURE-----",
+                "{tail:?}"
+            );
+        }
+    }
+
     #[test]
     fn crlf_is_a_line_break() {
         let input = message("Hash: SHA256\n", "a\nb").replace('\n', "\r\n");

@@ -123,6 +123,26 @@ mod tests {
     }
 
     #[test]
+    fn is_empty_until_a_byte_is_fed() {
+        let mut digest = StreamDigest::new(3);
+        assert!(digest.is_empty());
+        digest.update(b"").unwrap();
+        assert!(digest.is_empty());
+        digest.update(b"a").unwrap();
+        assert!(!digest.is_empty());
+    }
+
+    #[test]
+    fn sha256_hex_is_exactly_64_hex_digits() {
+        assert!(is_sha256_hex(ABC));
+        assert!(is_sha256_hex(&ABC.to_uppercase()));
+        assert!(!is_sha256_hex(&ABC[..63]));
+        assert!(!is_sha256_hex(&format!("{ABC}0")));
+        assert!(!is_sha256_hex(&ABC.replace('b', "g")));
+        assert!(!is_sha256_hex(""));
+    }
+
+    #[test]
     fn reports_size_then_hash_mismatch() {
         let mut digest = StreamDigest::new(10);
         digest.update(b"ab").unwrap();

@@ -197,3 +197,94 @@ pub fn mismatch(url: &str, mismatch: Mismatch) -> VerifyError {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const URL: &str = "file:///repo/pool/x.deb";
+
+    fn body(bytes: Vec<u8>) -> Body {
+        Box::pin(std::io::Cursor::new(bytes))
+    }
+
+    fn expected_for(bytes: &[u8]) -> Expected {
+        let mut digest = StreamDigest::new(bytes.len() as u64);
+        digest.update(bytes).unwrap();
+        let (sha256, size) = digest.finish();
+        Expected { sha256, size }
+    }
+
+    #[tokio::test]
+    async fn read_capped_takes_the_limit_and_refuses_one_byte_more() {
+        let bytes: Vec<u8> = (0..=255).cycle().take(3 * CHUNK + 7).collect();
+        let limit = bytes.len() as u64;
+        let read = read_capped(URL, body(bytes.clone()), limit).await.unwrap();
+        assert_eq!(read, bytes);
+        for limit in [limit - 1, 10, 0] {
+            let error = read_capped(URL, body(bytes.clone()), limit)
+                .await
+                .expect_err("a body over the limit was read");
+            assert!(
+                matches!(&error, SourceError::TooLarge { url, limit: l } if url == URL && *l == limit),
+                "{error:?}"
+            );
+        }
+        assert_eq!(read_capped(URL, body(Vec::new()), 0).await.unwrap(), b"");
+    }
+
+    #[tokio::test]
+    async fn download_verified_renames_only_a_matching_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("x.deb");
+        let bytes: Vec<u8> = (0..=255).cycle().take(2 * CHUNK + 1).collect();
+        let expected = expected_for(&bytes);
+        download_verified(URL, body(bytes.clone()), &expected, &dest)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), bytes);
+        assert!(!dir.path().join("x.partial").exists());
+    }
+
+    #[tokio::test]
+    async fn download_verified_leaves_nothing_behind_on_a_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("x.deb");
+        let bytes = b"the real package".to_vec();
+        let expected = expected_for(&bytes);
+        let partial = dir.path().join("x.partial");
+
+        let mut tampered = bytes.clone();
+        tampered[0] ^= 1;
+        let error = download_verified(URL, body(tampered), &expected, &dest)
+            .await
+            .expect_err("a tampered body was accepted");
+        assert!(
+            matches!(&error, Error::Verify(VerifyError::HashMismatch { url, expected: e, .. })
+                if url == URL && *e == expected.sha256),
+            "{error:?}"
+        );
+        assert!(!dest.exists() && !partial.exists());
+
+        let error = download_verified(URL, body(bytes[..5].to_vec()), &expected, &dest)
+            .await
+            .expect_err("a short body was accepted");
+        assert!(
+            matches!(&error, Error::Verify(VerifyError::SizeMismatch { url, expected: 16, actual: 5 })
+                if url == URL),
+            "{error:?}"
+        );
+        assert!(!dest.exists() && !partial.exists());
+
+        let mut long = bytes.clone();
+        long.push(b'!');
+        let error = download_verified(URL, body(long), &expected, &dest)
+            .await
+            .expect_err("a long body was accepted");
+        assert!(
+            matches!(&error, Error::Verify(VerifyError::TooLong { url, expected: 16 }) if url == URL),
+            "{error:?}"
+        );
+        assert!(!dest.exists() && !partial.exists());
+    }
+}
