@@ -1343,23 +1343,20 @@ fn read_index(
         url: url.to_string(),
         reason: format!("cannot reopen {}: {e}", path.display()),
     })?;
-    let decoder: Box<dyn Read> = match compression {
-        Compression::Xz => Box::new(xz2::read::XzDecoder::new(BufReader::new(file))),
-        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(BufReader::new(file))),
-        Compression::None => Box::new(file),
-    };
-    let capped = CappedReader {
-        inner: decoder,
-        remaining: limit,
-    };
+    // The same capped decompression the publisher reads indexes with.
+    let mut inflated: crate::repo::capped::CappedReader<Box<dyn Read>> =
+        crate::repo::capped::decompress(compression, file, limit);
     let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
-    packages::read_candidates(BufReader::new(capped), &wanted, arch).map_err(|e| match e {
-        PackagesError::Parse(reason) if reason.contains(CAPPED_MESSAGE) => {
-            VerifyError::Decompress {
-                url: url.to_string(),
-                reason: format!("inflates past the limit of {limit} bytes"),
-            }
-        }
+    let result = packages::read_candidates(BufReader::new(&mut inflated), &wanted, arch);
+    // Past the cap is an error whatever the parser made of it: never
+    // candidates from the part of an index before the cut.
+    if inflated.exceeded() {
+        return Err(VerifyError::Decompress {
+            url: url.to_string(),
+            reason: format!("inflates past the limit of {limit} bytes"),
+        });
+    }
+    result.map_err(|e| match e {
         PackagesError::Parse(reason) => VerifyError::PackagesParse {
             url: url.to_string(),
             reason,
@@ -1372,23 +1369,4 @@ fn read_index(
             reason: format!("{package} has no {field} field"),
         },
     })
-}
-
-const CAPPED_MESSAGE: &str = "decompressed index exceeds its limit";
-
-/// A reader that fails once more than `remaining` bytes were read.
-struct CappedReader<R> {
-    inner: R,
-    remaining: u64,
-}
-
-impl<R: Read> Read for CappedReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n as u64 > self.remaining {
-            return Err(std::io::Error::other(CAPPED_MESSAGE));
-        }
-        self.remaining -= n as u64;
-        Ok(n)
-    }
 }

@@ -461,6 +461,12 @@ pub enum PublishError {
         date: String,
         now: String,
     },
+    /// An index that inflates past the cap: read whole or not at all,
+    /// never published truncated.
+    #[error(
+        "{url} inflates past the limit of {limit} bytes; nothing was published from a truncated index"
+    )]
+    IndexTooLarge { url: String, limit: u64 },
 }
 
 impl PublishError {
@@ -476,7 +482,8 @@ impl PublishError {
             | PublishError::CurrentSuite { .. }
             | PublishError::VerifyBeforeFlip { .. }
             | PublishError::NotInSuite { .. }
-            | PublishError::NothingToRefresh { .. } => exit::DATAERR,
+            | PublishError::NothingToRefresh { .. }
+            | PublishError::IndexTooLarge { .. } => exit::DATAERR,
             PublishError::StoreRead { .. } | PublishError::StoreWrite { .. } => exit::UNAVAILABLE,
             PublishError::ReadDeb { .. }
             | PublishError::Sign { .. }

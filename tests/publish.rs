@@ -1084,3 +1084,53 @@ fn dir_promote_and_refresh() {
 fn s3_promote_and_refresh() {
     promote_and_refresh(Repo::s3());
 }
+
+// ---------------------------------------------------------------------------
+// the agent's index cap
+// ---------------------------------------------------------------------------
+
+/// The agent reads an index through the same capped decompression as the
+/// publisher: a Packages.xz within `max_index_bytes` whose text is not is
+/// refused by name and limit, and nothing is installed from the part of
+/// the index before the cap.
+#[test]
+fn agent_index_over_cap_is_an_error() {
+    let repo = Repo::dir();
+    let debs: Vec<PathBuf> = (0..12)
+        .map(|i| repo.deb(&DebSpec::new(&format!("pkg{i:02}"), "1.0")))
+        .collect();
+    let refs: Vec<&Path> = debs.iter().map(PathBuf::as_path).collect();
+    repo.publish_ok(SUITE, &refs, &[]);
+    let dir = format!("dists/{SUITE}/main/binary-amd64");
+    let text = repo
+        .read(&format!("{dir}/Packages"))
+        .expect("Packages")
+        .len();
+    let xz = repo
+        .read(&format!("{dir}/Packages.xz"))
+        .expect("Packages.xz")
+        .len();
+    // pkg00 comes first in the index: its stanza is read before the cap.
+    let limit = (text + xz) / 2;
+    assert!(xz < limit && limit < text, "{xz} {limit} {text}");
+
+    let repository = format!("{}\nmax_index_bytes = {limit}", repo.node_repository());
+    let node = Node::new(&repository, &repo.key.public_key, &["pkg00"], "");
+    let out = node.once();
+    let (code, line) = failure(&out);
+    assert_eq!(code, Some(65), "{line}");
+    assert!(
+        line.contains(&format!("inflates past the limit of {limit} bytes")),
+        "{line}"
+    );
+    assert_eq!(node.installed("pkg00"), None);
+
+    // Within the cap, the same index installs.
+    let repository = format!("{}\nmax_index_bytes = {text}", repo.node_repository());
+    let node = Node::new(&repository, &repo.key.public_key, &["pkg00"], "");
+    assert_ok(
+        &node.once(),
+        "pulldeploy once with the index within its cap",
+    );
+    assert_eq!(node.installed("pkg00").as_deref(), Some("1.0"));
+}

@@ -59,7 +59,8 @@ use crate::cli::{PromoteArgs, PublishArgs, RefreshArgs, RepoArgs};
 use crate::config::RepoUrl;
 use crate::error::{Error, PublishError};
 use crate::keyring::Keyring;
-use crate::repo::digest::Expected;
+use crate::repo::capped;
+use crate::repo::release::IndexFile;
 use crate::source::Source;
 
 /// Cap on InRelease and on an index read back from the store.
@@ -465,9 +466,14 @@ impl Publisher {
             let Some(index) = parsed.packages_index(&self.component, arch) else {
                 continue;
             };
-            let text = self
-                .read_index(suite, &index.path, &index.expected, parsed.acquire_by_hash)
-                .await?;
+            let text = read_index(
+                self.store.as_ref(),
+                &Self::dists(suite, ""),
+                &index,
+                parsed.acquire_by_hash,
+                MAX_INDEX_BYTES,
+            )
+            .await?;
             let text = String::from_utf8(text)
                 .map_err(|_| refuse(format!("{}: not UTF-8", index.path)))?;
             for stanza in
@@ -502,67 +508,6 @@ impl Publisher {
             sha256,
             sha512,
         }))
-    }
-
-    /// An index named by the current Release: by hash first, then at its
-    /// canonical path; checked against Release and inflated.
-    async fn read_index(
-        &self,
-        suite: &str,
-        path: &str,
-        expected: &Expected,
-        by_hash: bool,
-    ) -> Result<Vec<u8>, Error> {
-        let dir = path.rsplit_once('/').map_or("", |(dir, _)| dir);
-        let mut candidates = Vec::new();
-        if by_hash {
-            candidates.push(Self::dists(
-                suite,
-                &format!("{dir}/by-hash/SHA256/{}", expected.sha256),
-            ));
-        }
-        candidates.push(Self::dists(suite, path));
-        for candidate in &candidates {
-            let url = self.store.url(candidate);
-            let Some(stored) = self.store.get(candidate, MAX_INDEX_BYTES).await? else {
-                continue;
-            };
-            let actual = hex::encode(Sha256::digest(&stored.bytes));
-            if actual != expected.sha256 || stored.bytes.len() as u64 != expected.size {
-                return Err(PublishError::CurrentSuite {
-                    url,
-                    reason: format!(
-                        "SHA256 {actual} ({} bytes), Release says {} ({} bytes)",
-                        stored.bytes.len(),
-                        expected.sha256,
-                        expected.size
-                    ),
-                }
-                .into());
-            }
-            let mut text = Vec::new();
-            let reader: Box<dyn std::io::Read> = if path.ends_with(".xz") {
-                Box::new(xz2::read::XzDecoder::new(&stored.bytes[..]))
-            } else if path.ends_with(".gz") {
-                Box::new(flate2::read::GzDecoder::new(&stored.bytes[..]))
-            } else {
-                Box::new(&stored.bytes[..])
-            };
-            std::io::Read::read_to_end(
-                &mut std::io::Read::take(reader, MAX_INDEX_BYTES),
-                &mut text,
-            )
-            .map_err(|e| PublishError::CurrentSuite {
-                url: url.clone(),
-                reason: format!("cannot decompress: {e}"),
-            })?;
-            return Ok(text);
-        }
-        Err(PublishError::CurrentSuite {
-            url: self.store.url(&Self::dists(suite, path)),
-            reason: "named by Release but missing".into(),
-        }
-        .into())
     }
 
     /// Merges the operation into the current packages, uploads new pool
@@ -682,6 +627,17 @@ impl Publisher {
         for arch in &architectures {
             let text = index::packages_text(&entries, arch);
             let dir = format!("{}/binary-{arch}", self.component);
+            // Past the cap, the next publish (and an agent, whose default
+            // cap is the same) would refuse it: not written at all.
+            if text.len() as u64 > MAX_INDEX_BYTES {
+                return Err(PublishError::IndexTooLarge {
+                    url: self
+                        .store
+                        .url(&Self::dists(suite, &format!("{dir}/Packages"))),
+                    limit: MAX_INDEX_BYTES,
+                }
+                .into());
+            }
             for (name, bytes) in compressed_variants(text.as_bytes())? {
                 let path = format!("{dir}/{name}");
                 let hex256 = hex::encode(Sha256::digest(&bytes));
@@ -936,6 +892,64 @@ impl Publisher {
     }
 }
 
+/// An index named by the current Release (`dists` is the suite's
+/// directory, `dists/SUITE/`): by hash first, then at its canonical path;
+/// checked against Release and inflated whole. An index that inflates past
+/// `limit` is an error: building on a truncated index would publish a
+/// suite without the packages past the cut.
+async fn read_index(
+    store: &dyn Store,
+    dists: &str,
+    index: &IndexFile,
+    by_hash: bool,
+    limit: u64,
+) -> Result<Vec<u8>, Error> {
+    let expected = &index.expected;
+    let mut candidates = Vec::new();
+    if by_hash {
+        candidates.push(format!("{dists}{}", index.by_hash_path()));
+    }
+    candidates.push(format!("{dists}{}", index.path));
+    for candidate in &candidates {
+        let url = store.url(candidate);
+        // Larger than the cap as stored: not read at all (as an agent).
+        if expected.size > limit {
+            return Err(PublishError::IndexTooLarge { url, limit }.into());
+        }
+        let Some(stored) = store.get(candidate, limit).await? else {
+            continue;
+        };
+        let actual = hex::encode(Sha256::digest(&stored.bytes));
+        if actual != expected.sha256 || stored.bytes.len() as u64 != expected.size {
+            return Err(PublishError::CurrentSuite {
+                url,
+                reason: format!(
+                    "SHA256 {actual} ({} bytes), Release says {} ({} bytes)",
+                    stored.bytes.len(),
+                    expected.sha256,
+                    expected.size
+                ),
+            }
+            .into());
+        }
+        return capped::decompress_all(index.compression, &stored.bytes, limit).map_err(|e| {
+            match capped::over_limit(&e) {
+                Some(limit) => PublishError::IndexTooLarge { url, limit },
+                None => PublishError::CurrentSuite {
+                    url,
+                    reason: format!("cannot decompress: {e}"),
+                },
+            }
+            .into()
+        });
+    }
+    Err(PublishError::CurrentSuite {
+        url: store.url(&format!("{dists}{}", index.path)),
+        reason: "named by Release but missing".into(),
+    }
+    .into())
+}
+
 /// Adds `entry` unless the same (name, version, arch) is there. `false`
 /// when it is there with the same bytes; an error when with other bytes.
 fn add_entry(entries: &mut Vec<Entry>, entry: Entry, url: &str) -> Result<bool, Error> {
@@ -1050,4 +1064,94 @@ async fn open_repository(
             return Err(usage("built without the s3 feature"));
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::digest::Expected;
+    use crate::repo::release::Compression;
+
+    /// A Release entry for `bytes` at `path`, stored at its by-hash path
+    /// under `dists/s/` in a directory store.
+    async fn stored_index(store: &dyn Store, path: &str, bytes: &[u8]) -> IndexFile {
+        let index = IndexFile {
+            path: path.to_string(),
+            compression: capped::compression_of(path),
+            expected: Expected {
+                sha256: hex::encode(Sha256::digest(bytes)),
+                size: bytes.len() as u64,
+            },
+        };
+        let key = format!("dists/s/{}", index.by_hash_path());
+        store
+            .put(&key, Body::Bytes(bytes), Condition::Always)
+            .await
+            .unwrap();
+        index
+    }
+
+    /// The current suite's Packages inflates past the cap: the publisher
+    /// must refuse to build on it (naming the file and the limit), not
+    /// build on the part before the cap and drop every package after it.
+    #[tokio::test]
+    async fn publisher_index_over_cap_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store::DirStore::new(dir.path().to_path_buf());
+        let text = "Package: a\nVersion: 1\nArchitecture: amd64\n\n".repeat(50);
+        let limit = text.len() as u64;
+        for (name, bytes) in compressed_variants(text.as_bytes()).unwrap() {
+            let path = format!("main/binary-amd64/{name}");
+            let index = stored_index(&store, &path, &bytes).await;
+            assert_eq!(
+                index.compression,
+                match name {
+                    "Packages.xz" => Compression::Xz,
+                    "Packages.gz" => Compression::Gzip,
+                    _ => Compression::None,
+                }
+            );
+
+            // Exactly at the cap: read whole.
+            let read = read_index(&store, "dists/s/", &index, true, limit)
+                .await
+                .unwrap();
+            assert_eq!(read, text.as_bytes(), "{name}");
+
+            // One byte under it: an error, never the first `limit` bytes.
+            let error = read_index(&store, "dists/s/", &index, true, limit - 1)
+                .await
+                .unwrap_err();
+            let url = store.url(&format!("dists/s/{}", index.by_hash_path()));
+            let message = error.to_string();
+            match error {
+                Error::Publish(e) => match *e {
+                    PublishError::IndexTooLarge {
+                        url: ref named,
+                        limit: cap,
+                    } => {
+                        assert_eq!(*named, url);
+                        assert_eq!(cap, limit - 1);
+                    }
+                    other => panic!("{name}: not IndexTooLarge: {other}"),
+                },
+                other => panic!("{name}: not a publish error: {other}"),
+            }
+            assert!(
+                message.contains(&url) && message.contains(&format!("{} bytes", limit - 1)),
+                "{message}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_index_is_not_over_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store::DirStore::new(dir.path().to_path_buf());
+        let index = stored_index(&store, "main/binary-amd64/Packages.xz", b"not xz").await;
+        let error = read_index(&store, "dists/s/", &index, true, 1 << 20)
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("cannot decompress"), "{error}");
+    }
 }

@@ -13,7 +13,6 @@
 //! hash to what the index says.
 
 use std::collections::BTreeSet;
-use std::io::Read;
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha512};
@@ -22,6 +21,7 @@ use tokio::io::AsyncReadExt;
 use super::index::{self, Checksum, Entry};
 use super::store::Store;
 use crate::keyring::Keyring;
+use crate::repo::capped;
 use crate::repo::digest::{Expected, StreamDigest};
 use crate::repo::release;
 use crate::source::{self, Fetched, Source};
@@ -79,20 +79,15 @@ async fn fetch_digest(source: &dyn Source, path: &str, expected: &Expected) -> R
         .map_err(|m| source::mismatch(&url, m).to_string())
 }
 
-fn inflate(path: &str, bytes: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    let reader: Box<dyn Read + '_> = if path.ends_with(".xz") {
-        Box::new(xz2::read::XzDecoder::new(bytes))
-    } else if path.ends_with(".gz") {
-        Box::new(flate2::read::GzDecoder::new(bytes))
-    } else {
-        Box::new(bytes)
-    };
-    reader
-        .take(READ_LIMIT + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| format!("{path}: cannot decompress: {e}"))?;
-    Ok(out)
+/// The whole text of the index at `url` (compressed as its `path` says),
+/// or why not: past `limit` is an error, never a shorter text.
+fn inflate(url: &str, path: &str, bytes: &[u8], limit: u64) -> Result<Vec<u8>, String> {
+    capped::decompress_all(capped::compression_of(path), bytes, limit).map_err(|e| {
+        match capped::over_limit(&e) {
+            Some(limit) => format!("{url}: inflates past the limit of {limit} bytes"),
+            None => format!("{url}: cannot decompress: {e}"),
+        }
+    })
 }
 
 /// Reads the suite back through `source` and checks it against what was
@@ -177,7 +172,8 @@ pub async fn before_flip(
         let file = path.rsplit('/').next().unwrap_or_default();
         if file.starts_with("Packages") {
             let bytes = fetch(source, &dists(path)).await?;
-            packages_texts.push((path.clone(), inflate(path, &bytes)?));
+            let url = source.url(&dists(path));
+            packages_texts.push((path.clone(), inflate(&url, path, &bytes, READ_LIMIT)?));
         }
     }
     if parsed.sha256.is_empty() {
@@ -253,4 +249,39 @@ pub async fn after_flip(
         .verify_cleartext(&source.url(&path), &bytes, SystemTime::now())
         .map_err(|e| e.to_string())?;
     Ok(bytes == inrelease)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn an_index_past_the_limit_is_refused_not_cut() {
+        let text = b"Package: a\nVersion: 1\n\n".repeat(10);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&text).unwrap();
+        let gz = gz.finish().unwrap();
+        let limit = text.len() as u64;
+        for (path, bytes) in [("Packages", &text), ("Packages.gz", &gz)] {
+            assert_eq!(inflate("u", path, bytes, limit).unwrap(), text);
+            let error = inflate(
+                "s3://b/dists/s/main/binary-amd64/Packages",
+                path,
+                bytes,
+                limit - 1,
+            )
+            .unwrap_err();
+            assert_eq!(
+                error,
+                format!(
+                    "s3://b/dists/s/main/binary-amd64/Packages: inflates past the limit of {} bytes",
+                    limit - 1
+                )
+            );
+        }
+        let error = inflate("u", "Packages.xz", b"not xz", limit).unwrap_err();
+        assert!(error.starts_with("u: cannot decompress"), "{error}");
+    }
 }
