@@ -453,13 +453,18 @@ pub enum PublishError {
     },
     #[error("suite {suite} has no published InRelease at {url}; nothing to refresh")]
     NothingToRefresh { suite: String, url: String },
+    /// A new Date must be later than the suite's last write; `what` of it
+    /// is further ahead of this clock than a publish waits.
     #[error(
-        "the Date of {url} ({date}) is more than a minute ahead of this clock ({now}); fix the clock"
+        "the {what} of {url} ({previous}) is more than {limit:?} ahead of this clock ({now}); \
+         fix the clock of this host or of the store"
     )]
     ClockBehind {
         url: String,
-        date: String,
+        what: &'static str,
+        previous: String,
         now: String,
+        limit: std::time::Duration,
     },
     /// An index that inflates past the cap: read whole or not at all,
     /// never published truncated.

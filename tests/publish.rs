@@ -276,12 +276,22 @@ fn package_names(repo: &Repo, suite: &str) -> BTreeSet<String> {
 // ---------------------------------------------------------------------------
 
 fn publish_then_apt_and_agent_install(repo: Repo) {
+    // apt revalidates with If-Modified-Since: on S3, each publish below
+    // (however soon after the last) must move Last-Modified forward, or
+    // apt-get update keeps the previous suite.
+    let mut stamps = None;
+    let mut newer = |what: &str| {
+        if matches!(repo.backend, Backend::S3(_)) {
+            check_newer(&repo, SUITE, &mut stamps, what);
+        }
+    };
     let v1 = repo.deb(&DebSpec {
         payload_bytes: 50_000,
         ..DebSpec::new("myapp", "1.0-1")
     });
     let out = repo.publish_ok(SUITE, &[&v1], &["--valid-for", "7d"]);
     assert!(out.contains("added myapp 1.0-1 (amd64)"), "{out}");
+    newer("publish 1.0-1");
 
     // The layout a reader relies on.
     let release = repo.text(&format!("dists/{SUITE}/Release"));
@@ -325,6 +335,7 @@ fn publish_then_apt_and_agent_install(repo: Repo) {
     // A second version: the first is kept (no --keep), both upgrade.
     let v2 = repo.deb(&DebSpec::new("myapp", "1.1-1"));
     repo.publish_ok(SUITE, &[&v2], &[]);
+    newer("publish 1.1-1");
     let packages = repo.text(&format!("dists/{SUITE}/main/binary-amd64/Packages"));
     assert!(packages.contains("Version: 1.0-1") && packages.contains("Version: 1.1-1"));
     let second = release::parse(&repo.text(&format!("dists/{SUITE}/Release"))).expect("parse");
@@ -350,6 +361,7 @@ fn publish_then_apt_and_agent_install(repo: Repo) {
     // Publishing the same bytes again changes no package.
     let out = repo.publish_ok(SUITE, &[&v2], &[]);
     assert!(out.contains("already in production"), "{out}");
+    newer("publish 1.1-1 again");
 
     // --keep 1 drops the old version from the index (its pool file stays).
     let v3 = repo.deb(&DebSpec::new("myapp", "1.2-1"));
@@ -358,6 +370,7 @@ fn publish_then_apt_and_agent_install(repo: Repo) {
         out.contains("dropped myapp 1.0-1") && out.contains("dropped myapp 1.1-1"),
         "{out}"
     );
+    newer("publish 1.2-1");
     let packages = repo.text(&format!("dists/{SUITE}/main/binary-amd64/Packages"));
     assert!(!packages.contains("Version: 1.0-1") && packages.contains("Version: 1.2-1"));
     assert!(
@@ -1133,4 +1146,153 @@ fn agent_index_over_cap_is_an_error() {
         "pulldeploy once with the index within its cap",
     );
     assert_eq!(node.installed("pkg00").as_deref(), Some("1.0"));
+}
+
+// ---------------------------------------------------------------------------
+// every write of a suite is newer than the last, even within one second
+// ---------------------------------------------------------------------------
+
+/// InRelease as anyone reads it from moto (anonymous GET): its Release
+/// Date and the object's Last-Modified header.
+fn inrelease_date_and_last_modified(
+    repo: &Repo,
+    suite: &str,
+) -> (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) {
+    let Backend::S3(moto) = &repo.backend else {
+        panic!("Last-Modified is read from moto");
+    };
+    let response = common::http_request(
+        moto.port,
+        "GET",
+        &format!("/{BUCKET}/repo/dists/{suite}/InRelease"),
+        &[],
+        &[],
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    let verified = repo
+        .keyring()
+        .verify_cleartext("InRelease", &response.body, SystemTime::now())
+        .expect("InRelease verifies");
+    let date = release::parse(&verified.text).expect("Release parses").date;
+    let header = response
+        .header("Last-Modified")
+        .expect("moto sends Last-Modified");
+    let last_modified = chrono::DateTime::parse_from_rfc2822(header)
+        .unwrap_or_else(|e| panic!("Last-Modified {header:?}: {e}"))
+        .with_timezone(&chrono::Utc);
+    (date, last_modified)
+}
+
+type Stamp = (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>);
+
+/// The suite's InRelease after a write: Last-Modified no earlier than the
+/// Release Date (InRelease is written after its Date is stamped), and both
+/// strictly later than those of the write before (`previous`). Returns
+/// whether Last-Modified fell in a later second than the Date.
+#[track_caller]
+fn check_newer(repo: &Repo, suite: &str, previous: &mut Option<Stamp>, what: &str) -> bool {
+    let (date, last_modified) = inrelease_date_and_last_modified(repo, suite);
+    assert!(
+        last_modified >= date,
+        "{what}: Last-Modified {last_modified} before the Release Date {date}"
+    );
+    if let Some((old_date, old_last_modified)) = *previous {
+        assert!(
+            date > old_date,
+            "{what}: Release Date {date} is not after the previous {old_date}"
+        );
+        assert!(
+            last_modified > old_last_modified,
+            "{what}: Last-Modified {last_modified} is not after the previous \
+             {old_last_modified}: apt's If-Modified-Since gets 304"
+        );
+    }
+    *previous = Some((date, last_modified));
+    last_modified > date
+}
+
+/// apt revalidates InRelease with If-Modified-Since and S3 keeps
+/// Last-Modified in whole seconds: two writes of a suite in one second
+/// would look like one to apt (304, the new suite missed). Every write
+/// (publish, promote, refresh), back to back with no pause between them,
+/// must carry a later Release Date and a later Last-Modified than the one
+/// it replaces, and apt must see each new version.
+#[test]
+fn two_publishes_in_one_second() {
+    let repo = Repo::s3();
+
+    // The case that loses an update: a write whose InRelease lands in a
+    // later second than its Date (here a large .deb, hashed and read back
+    // in full between the two), then a quick write (a refresh) in that
+    // same second. Each round is a new suite; the .deb is uploaded once.
+    // Rounds go on until two of them crossed a second (each does in a
+    // debug build), so the case under test surely happened.
+    let big = repo.deb(&DebSpec {
+        payload_bytes: 12 << 20,
+        ..DebSpec::new("bigapp", "1.0-1")
+    });
+    let mut crossed = 0;
+    for round in 0..8 {
+        let suite = format!("round{round}");
+        let mut previous = None;
+        repo.publish_ok(&suite, &[&big], &[]);
+        if check_newer(&repo, &suite, &mut previous, "publish of a large .deb") {
+            crossed += 1;
+        }
+        let out = repo
+            .command("refresh", &["--suite", &suite])
+            .output()
+            .expect("refresh");
+        assert_ok(&out, "refresh");
+        check_newer(&repo, &suite, &mut previous, "refresh right after it");
+        if crossed == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        crossed, 2,
+        "the large .deb's publish did not write InRelease in a later second than its Date \
+         twice in 8 rounds: the case under test did not happen"
+    );
+
+    // Back to back: each write starts as soon as the last one returned.
+    let staging = repo.deb(&DebSpec::new("myapp", "0.9-1"));
+    repo.publish_ok("staging", &[&staging], &[]);
+    let mut previous = None;
+    for minor in 0..2 {
+        let version = format!("1.{minor}-1");
+        let deb = repo.deb(&DebSpec::new("myapp", &version));
+        repo.publish_ok(SUITE, &[&deb], &[]);
+        check_newer(&repo, SUITE, &mut previous, &format!("publish {version}"));
+    }
+    let out = repo
+        .command("refresh", &["--suite", SUITE])
+        .output()
+        .expect("refresh");
+    assert_ok(&out, "refresh");
+    check_newer(&repo, SUITE, &mut previous, "refresh");
+    let out = repo
+        .command("promote", &["--from", "staging", "--to", SUITE, "myapp"])
+        .output()
+        .expect("promote");
+    assert_ok(&out, "promote");
+    check_newer(&repo, SUITE, &mut previous, "promote");
+
+    // apt between two publishes: the second update must see the version
+    // just published, however soon after the one apt saw it came.
+    let root = SandboxRoot::new();
+    let apt = repo.apt(&root, SUITE);
+    for minor in 2..4 {
+        let version = format!("1.{minor}-1");
+        let deb = repo.deb(&DebSpec::new("myapp", &version));
+        repo.publish_ok(SUITE, &[&deb], &[]);
+        check_newer(&repo, SUITE, &mut previous, &format!("publish {version}"));
+        apt_update(&apt);
+        assert_ok(&apt.install("myapp"), &format!("apt-get install {version}"));
+        assert_eq!(
+            root.installed_version("myapp").as_deref(),
+            Some(version.as_str()),
+            "apt-get update after the publish of {version} kept an older suite"
+        );
+    }
 }

@@ -210,6 +210,8 @@ enum Operation {
 struct Current {
     /// InRelease's ETag in the store: the flip's precondition.
     etag: Option<String>,
+    /// InRelease's Last-Modified in the store, when it says.
+    last_modified: Option<DateTime<Utc>>,
     url: String,
     release: Stanza,
     date: DateTime<Utc>,
@@ -498,6 +500,7 @@ impl Publisher {
         }
         Ok(Some(Current {
             etag: stored.etag,
+            last_modified: stored.last_modified,
             url,
             date: parsed.date,
             valid_until: parsed.valid_until,
@@ -1012,27 +1015,84 @@ fn compressed_variants(text: &[u8]) -> Result<Vec<(&'static str, Vec<u8>)>, Erro
     ])
 }
 
-/// The new Release's Date: now, in whole seconds, and always later than
-/// the Date it replaces. Agents refuse an older Date (replay), and apt
-/// revalidates by Last-Modified in whole seconds, so two publishes in one
-/// second would look like one: when the previous Date is this second (or
-/// a little ahead), this waits for the next.
+/// The longest a write waits for the clock to pass the suite's previous
+/// write. Past whole seconds, a wait means the previous write's Date or
+/// Last-Modified is ahead of this host's clock: a clock to fix, not to
+/// sleep through.
+const MAX_DATE_WAIT: Duration = Duration::from_secs(10);
+
+/// `t` without its fraction of a second, as Release dates and HTTP dates
+/// have it.
+fn whole_seconds(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t)
+}
+
+/// The new Release's Date: now, in whole seconds, and strictly later than
+/// both the Date of the Release it replaces and that InRelease's
+/// Last-Modified (when the store gives it); when it would not be, this
+/// waits for the next whole second after the later of the two. Every write
+/// of a suite (publish, promote, refresh) takes its Date here.
+///
+/// Why both. Agents refuse a Date that is not newer (replay). apt
+/// revalidates InRelease with `If-Modified-Since` set to the Last-Modified
+/// it last saw, which S3 (and an HTTP server over a directory) keeps in
+/// whole seconds and compares with `<=`: a second write of a suite in the
+/// same second as the first gets 304, and apt keeps the old suite. So
+/// the new InRelease's Last-Modified must be strictly later than the old
+/// one's, and the reasoning is:
+///
+/// 1. This returns only once this host's clock has reached the returned
+///    Date `D` (it sleeps until then), and the flip PUTs InRelease after
+///    that, so its Last-Modified `L >= D` (the store stamps the time it
+///    received the PUT, truncated to the second like `D`).
+/// 2. `D > Date_prev` and `D > L_prev` (both whole seconds), hence
+///    `D >= L_prev + 1` and `L >= L_prev + 1 > L_prev`.
+///
+/// Step 1 reads the store's clock against ours; they agree on a host with
+/// NTP. A store clock ahead of ours only makes `L` later (and `L_prev`,
+/// which this then waits past). A store clock behind ours by `e` < 1 s
+/// stamps `L >= D - 1`, and `L == L_prev` only if this write flips less
+/// than `e` after the clock reads `D`; between the two it signs, writes
+/// Release and Release.gpg and reads the whole suite back, which takes
+/// longer than any NTP error. Waiting for `Date_prev` alone was not
+/// enough: a write whose flip falls a second or more after its Date
+/// (a large upload) leaves `L_prev > Date_prev`, and a quick next write
+/// then flipped in the second of `L_prev`.
+///
+/// Waits at most [`MAX_DATE_WAIT`]: a previous Date or Last-Modified
+/// further ahead of this clock is a clock problem, reported as such.
 async fn next_date(current: Option<&Current>) -> Result<DateTime<Utc>, Error> {
-    let whole = |t: DateTime<Utc>| DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t);
-    let now = whole(Utc::now());
-    let date = match current {
-        Some(current) if current.date >= now => current.date + chrono::Duration::seconds(1),
-        _ => now,
+    let now = whole_seconds(Utc::now());
+    let Some(current) = current else {
+        return Ok(now);
     };
-    if date - now > chrono::Duration::seconds(60) {
-        return Err(PublishError::ClockBehind {
-            url: current.map(|c| c.url.clone()).unwrap_or_default(),
-            date: index::release_date(date - chrono::Duration::seconds(1)),
-            now: index::release_date(now),
-        }
-        .into());
+    // The later of the two marks of the previous write.
+    let (previous, what) = match current.last_modified {
+        Some(modified) if modified > current.date => (modified, "Last-Modified"),
+        _ => (current.date, "Release Date"),
+    };
+    let date = now.max(previous + chrono::Duration::seconds(1));
+    let limit = chrono::Duration::from_std(MAX_DATE_WAIT).unwrap_or(chrono::Duration::MAX);
+    let clock_behind = || PublishError::ClockBehind {
+        url: current.url.clone(),
+        what,
+        previous: index::release_date(previous),
+        now: index::release_date(Utc::now()),
+        limit: MAX_DATE_WAIT,
+    };
+    if previous - now > limit {
+        return Err(clock_behind().into());
     }
-    if let Ok(wait) = (date - Utc::now()).to_std() {
+    // Until this host's clock reads `date` (a timer may end a little
+    // early by the wall clock, which can also be stepped meanwhile).
+    let deadline = tokio::time::Instant::now() + MAX_DATE_WAIT + Duration::from_secs(1);
+    while let Ok(wait) = (date - Utc::now()).to_std() {
+        if wait.is_zero() {
+            break;
+        }
+        if tokio::time::Instant::now() + wait > deadline {
+            return Err(clock_behind().into());
+        }
         tokio::time::sleep(wait).await;
     }
     Ok(date)

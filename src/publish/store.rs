@@ -13,6 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
+use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
 use crate::error::PublishError;
@@ -39,11 +40,14 @@ pub enum Written {
     PreconditionFailed,
 }
 
-/// An object read whole, with its ETag.
+/// An object read whole, with its ETag and Last-Modified.
 #[derive(Debug, Clone)]
 pub struct Stored {
     pub bytes: Vec<u8>,
     pub etag: Option<String>,
+    /// When the object was written, by the store's clock, in whole
+    /// seconds (S3's `Last-Modified`, a file's mtime), when it says.
+    pub last_modified: Option<DateTime<Utc>>,
 }
 
 /// What is written: bytes in memory, or a file streamed from disk (a .deb).
@@ -59,8 +63,8 @@ pub trait Store: Send + Sync {
     /// A URL for `path`, for messages.
     fn url(&self, path: &str) -> String;
 
-    /// The whole object and its ETag; `None` when it does not exist.
-    /// Refuses objects larger than `limit`.
+    /// The whole object, its ETag and Last-Modified; `None` when it does
+    /// not exist. Refuses objects larger than `limit`.
     fn get<'a>(
         &'a self,
         path: &'a str,
@@ -120,6 +124,11 @@ impl DirStore {
     fn full(&self, path: &str) -> PathBuf {
         self.root.join(path)
     }
+}
+
+/// `t` without its fraction of a second, as HTTP dates have it.
+fn whole_seconds(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t)
 }
 
 fn content_etag(bytes: &[u8]) -> String {
@@ -256,17 +265,38 @@ impl Store for DirStore {
         let full = self.full(path);
         let url = self.url(path);
         Box::pin(blocking(url.clone(), move || {
-            match std::fs::metadata(&full) {
-                Ok(meta) if meta.len() > limit => {
-                    return Err(io_read(&url, format!("larger than {limit} bytes")));
-                }
-                Ok(meta) if !meta.is_file() => return Ok(None),
-                _ => {}
+            // One open file for the size, the bytes and the mtime: a
+            // rename in between replaces the path, not this file.
+            let file = match std::fs::File::open(&full) {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io_read(&url, e)),
+            };
+            let meta = file.metadata().map_err(|e| io_read(&url, e))?;
+            if !meta.is_file() {
+                return Ok(None);
             }
-            let bytes = read_if_exists(&full).map_err(|e| io_read(&url, e))?;
-            Ok(bytes.map(|bytes| Stored {
+            let too_large = || io_read(&url, format!("larger than {limit} bytes"));
+            if meta.len() > limit {
+                return Err(too_large());
+            }
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(&file, limit.saturating_add(1)),
+                &mut bytes,
+            )
+            .map_err(|e| io_read(&url, e))?;
+            if bytes.len() as u64 > limit {
+                return Err(too_large());
+            }
+            let last_modified = meta
+                .modified()
+                .ok()
+                .map(|t| whole_seconds(DateTime::<Utc>::from(t)));
+            Ok(Some(Stored {
                 etag: Some(content_etag(&bytes)),
                 bytes,
+                last_modified,
             }))
         }))
     }
@@ -612,6 +642,9 @@ mod s3 {
                     return Err(io_read(&url, format!("larger than {limit} bytes")));
                 }
                 let etag = output.e_tag().map(str::to_string);
+                let last_modified = output
+                    .last_modified()
+                    .and_then(|t| DateTime::from_timestamp(t.secs(), 0));
                 let mut bytes = Vec::new();
                 output
                     .body
@@ -623,7 +656,11 @@ mod s3 {
                 if bytes.len() as u64 > limit {
                     return Err(io_read(&url, format!("larger than {limit} bytes")));
                 }
-                Ok(Some(Stored { bytes, etag }))
+                Ok(Some(Stored {
+                    bytes,
+                    etag,
+                    last_modified,
+                }))
             })
         }
 
