@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-/// sysexits(3) codes used by the command line (DESIGN.md "Command line").
+/// sysexits(3) codes used by the command line (README, "Commands").
 pub mod exit {
     pub const OK: u8 = 0;
     /// EX_USAGE: bad command line or configuration.
