@@ -670,6 +670,22 @@ mod tests {
         );
         let bad = details(&other_text);
         assert!(bad.starts_with("bad signature by "), "{bad}");
+        // Dated before the key existed: the key was not bound to the
+        // certificate at the signature's time.
+        let key_created = cert.primary_key().key().creation_time();
+        let before_the_key = binary_signature(
+            SignatureBuilder::new(SignatureType::Binary)
+                .set_signature_creation_time(key_created - std::time::Duration::from_secs(86_400))
+                .expect("creation time"),
+            &cert,
+            data,
+        );
+        let unbound = details(&before_the_key);
+        assert!(
+            unbound.starts_with("key ")
+                && unbound.contains(&format!(" of {} is not valid: ", cert.fingerprint())),
+            "{unbound}"
+        );
     }
 
     #[test]
