@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::InstallError;
 use crate::repo::depends;
+use crate::source::BoxFuture;
 use crate::state::FileStamp;
 
 pub struct Dpkg {
@@ -41,6 +42,80 @@ impl DpkgStatus {
     /// The installed version of `name`, as dpkg records it.
     pub fn version(&self, name: &str) -> Option<&str> {
         self.versions.get(name).map(String::as_str)
+    }
+}
+
+/// Holds a package manager's lock until dropped.
+pub type InstallLock = Box<dyn Send + Sync>;
+
+/// What the agent needs of a package manager: dpkg on a node, a fake in
+/// the agent's unit tests.
+pub trait Installer: Send + Sync {
+    /// The database of installed packages now (see [`Dpkg::status`]).
+    fn status(&self) -> Result<Arc<DpkgStatus>, InstallError>;
+    /// Identifies the current version of the database, when it can be
+    /// told cheaply; two equal stamps mean nothing was installed between.
+    fn status_stamp(&self) -> Option<FileStamp>;
+    /// Drops any copy of the database kept since the last [`Installer::status`].
+    fn forget_status(&self);
+    /// True when an earlier run was interrupted and must be completed first.
+    fn needs_recovery(&self) -> Result<bool, InstallError>;
+    /// Waits up to `timeout` for the package manager's lock; `None` when
+    /// another package manager still holds it.
+    fn lock(&self, timeout: Duration) -> BoxFuture<'_, Result<Option<InstallLock>, InstallError>>;
+    /// Completes an interrupted run.
+    fn recover(&self) -> BoxFuture<'_, Result<(), InstallError>>;
+    /// Installs `debs` in one transaction; the caller holds the lock.
+    fn install<'a>(&'a self, debs: &'a [PathBuf]) -> BoxFuture<'a, Result<(), InstallError>>;
+}
+
+impl Installer for Dpkg {
+    fn status(&self) -> Result<Arc<DpkgStatus>, InstallError> {
+        Dpkg::status(self)
+    }
+
+    fn status_stamp(&self) -> Option<FileStamp> {
+        FileStamp::of(&self.status_path())
+    }
+
+    fn forget_status(&self) {
+        Dpkg::forget_status(self)
+    }
+
+    fn needs_recovery(&self) -> Result<bool, InstallError> {
+        Dpkg::needs_recovery(self)
+    }
+
+    fn lock(&self, timeout: Duration) -> BoxFuture<'_, Result<Option<InstallLock>, InstallError>> {
+        Box::pin(async move {
+            let lock = Dpkg::lock(self, timeout).await?;
+            Ok(lock.map(|lock| Box::new(lock) as InstallLock))
+        })
+    }
+
+    fn recover(&self) -> BoxFuture<'_, Result<(), InstallError>> {
+        Box::pin(Dpkg::recover(self))
+    }
+
+    fn install<'a>(&'a self, debs: &'a [PathBuf]) -> BoxFuture<'a, Result<(), InstallError>> {
+        Box::pin(Dpkg::install(self, debs))
+    }
+}
+
+impl DpkgStatus {
+    /// A database with these packages installed (`name`, `version`), for
+    /// fakes in tests.
+    pub fn with_versions<'a>(packages: impl IntoIterator<Item = (&'a str, &'a str)>) -> DpkgStatus {
+        let mut status = DpkgStatus::default();
+        for (name, version) in packages {
+            status
+                .versions
+                .insert(name.to_string(), version.to_string());
+            if let Ok(parsed) = version.parse() {
+                status.installed.add(name, parsed, None);
+            }
+        }
+        status
     }
 }
 

@@ -8,6 +8,7 @@
 //! Where things live:
 //!
 //! - [`cli`]: command-line definitions; [`commands`]: what each command does.
+//! - [`clock`]: where "now" comes from (a seam for tests).
 //! - [`config`]: the TOML schema, defaults, validation (all problems at once).
 //! - [`error`]: one error enum per concern, mapped to sysexits codes.
 //! - [`source`]: where bytes come from (`Source` trait: S3, local dir) and the
@@ -26,6 +27,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod daemon;

@@ -147,12 +147,10 @@ impl State {
         Ok(state)
     }
 
-    /// Appends an event, keeping the latest [`EVENTS_KEPT`].
-    pub fn push_event(&mut self, message: String) {
-        self.events.push(Event {
-            at: Utc::now(),
-            message,
-        });
+    /// Appends an event that happened `at`, keeping the latest
+    /// [`EVENTS_KEPT`].
+    pub fn push_event(&mut self, at: DateTime<Utc>, message: String) {
+        self.events.push(Event { at, message });
         let excess = self.events.len().saturating_sub(EVENTS_KEPT);
         self.events.drain(..excess);
     }

@@ -16,7 +16,7 @@ use crate::repo::digest::{Expected, StreamDigest};
 use crate::repo::packages::{self, Candidate, PackagesError, same_version};
 use crate::repo::release::{self, Compression, Freshness, IndexFile, Release, Stale};
 use crate::source::{self, Fetched};
-use crate::state::{FileStamp, InstalledPackage, State};
+use crate::state::{InstalledPackage, State};
 
 /// A signed Release as fetched, before its content is trusted.
 pub(super) struct SignedRelease {
@@ -39,7 +39,7 @@ impl Agent {
             info!("agent.packages changed; fetching the full repository");
             return false;
         }
-        let stamp = FileStamp::of(&self.dpkg.status_path());
+        let stamp = self.installer.status_stamp();
         let mut remembered = self.agreed_status.lock().unwrap_or_else(|e| e.into_inner());
         if stamp.is_some() && *remembered == stamp {
             return true;
@@ -130,7 +130,7 @@ impl Agent {
     ) -> Result<Option<SignedRelease>, Error> {
         let limit = self.config.repository.max_release_bytes;
         let accepted_file = state.release.as_ref().map(|r| r.file.as_str());
-        let now = SystemTime::now();
+        let now = SystemTime::from(self.clock.now());
 
         let path = self.dists("InRelease");
         let url = self.source.url(&path);
@@ -233,7 +233,7 @@ impl Agent {
 
     pub(super) fn freshness(&self, state: &State) -> Freshness {
         Freshness {
-            now: Utc::now(),
+            now: self.clock.now(),
             accepted: state.release.as_ref().map(|r| r.date),
             max_age: self.config.repository.max_age,
             clock_skew: self.config.repository.clock_skew,

@@ -14,18 +14,16 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use chrono::{DateTime, Utc};
 use tracing::{debug, info, warn};
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::error::{Error, InstallError, StateError, VerifyError};
 use crate::health::Health;
-use crate::install::{Dpkg, DpkgStatus};
+use crate::install::{Dpkg, DpkgStatus, Installer};
 use crate::keyring::Keyring;
-use crate::repo::depends;
-use crate::repo::packages::{self, Candidate, SelectError, Selection};
 use crate::repo::release::{self};
 use crate::source::{self, Source};
 use crate::state::{
@@ -33,7 +31,10 @@ use crate::state::{
 };
 
 mod fetch;
+pub mod plan;
 mod txn;
+
+use plan::{Choice, Stay};
 
 use fetch::stale_error;
 
@@ -49,7 +50,8 @@ pub struct Agent {
     config: Config,
     source: Box<dyn Source>,
     keyring: Keyring,
-    dpkg: Dpkg,
+    installer: Box<dyn Installer>,
+    clock: Box<dyn Clock>,
     health: Arc<Health>,
     architecture: String,
     /// dpkg's status file when the installed versions last matched state;
@@ -109,25 +111,52 @@ struct PlannedInstall {
 }
 
 impl Agent {
-    /// `health` is shared with the /healthz server: the agent drains it
-    /// around dpkg and probes the app through it.
+    /// The agent a node runs: the source `repository.url` names, dpkg on
+    /// `install.root`, the pinned keyring and the system clock. `health` is
+    /// shared with the /healthz server: the agent drains it around dpkg and
+    /// probes the app through it.
     pub async fn new(config: Config, health: Arc<Health>) -> Result<Agent, Error> {
         let keyring = Keyring::load(&config.repository.keyring)?;
         let architecture = config.architecture()?;
         crate::state::ensure_dir(&config.agent.state_dir)?;
         crate::state::ensure_dir(&config.agent.cache_dir.join(CACHE_SUBDIR))?;
         let source = source::from_config(&config).await?;
-        Ok(Agent {
-            dpkg: Dpkg::new(&config.install.root),
+        let installer = Box::new(Dpkg::new(&config.install.root));
+        Ok(Agent::from_parts(
+            config,
+            architecture,
+            source,
+            installer,
+            keyring,
+            Box::new(SystemClock),
             health,
+        ))
+    }
+
+    /// An agent built from its parts, so that tests can hand in a fake
+    /// source, installer or clock. `architecture` is the Debian
+    /// architecture whose packages it installs.
+    pub fn from_parts(
+        config: Config,
+        architecture: String,
+        source: Box<dyn Source>,
+        installer: Box<dyn Installer>,
+        keyring: Keyring,
+        clock: Box<dyn Clock>,
+        health: Arc<Health>,
+    ) -> Agent {
+        Agent {
             config,
             source,
             keyring,
+            installer,
+            clock,
+            health,
             architecture,
             agreed_status: Mutex::new(None),
             state_stamp: Mutex::new(None),
             swept: AtomicBool::new(false),
-        })
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -137,7 +166,7 @@ impl Agent {
     /// When the first pinned signing key expires, if one does.
     pub fn signing_key_expiry(&self) -> Option<DateTime<Utc>> {
         self.keyring
-            .signing_key_expiry(SystemTime::now())
+            .signing_key_expiry(self.clock.now().into())
             .map(DateTime::<Utc>::from)
     }
 
@@ -156,7 +185,7 @@ impl Agent {
 
     /// dpkg's database (parsed once per version of its status file).
     pub(super) fn dpkg_status(&self) -> Result<Arc<DpkgStatus>, Error> {
-        Ok(self.dpkg.status()?)
+        Ok(self.installer.status()?)
     }
 
     /// The agent's own directory in the cache.
@@ -231,7 +260,7 @@ impl Agent {
         *self.state_stamp.lock().unwrap_or_else(|e| e.into_inner()) =
             FileStamp::of(&self.config.state_path());
         // No copy of dpkg's database is kept between cycles.
-        self.dpkg.forget_status();
+        self.installer.forget_status();
         if let Err(e) = recorded {
             // The cycle's own outcome matters more; say both.
             warn!(error = %e, "cannot record the cycle in state");
@@ -269,7 +298,7 @@ impl Agent {
         state: &mut State,
         result: &Result<Outcome, Error>,
     ) -> Result<(), Error> {
-        let now = Utc::now();
+        let now = self.clock.now();
         match result {
             Ok(outcome) => {
                 let quiet = matches!(outcome, Outcome::Unchanged)
@@ -327,67 +356,41 @@ impl Agent {
                     self.config.repository.component, self.architecture
                 ),
             })?;
-        let candidates = self.fetch_candidates(&release, &index).await?;
-
-        let mut candidates = candidates;
-        // Versions that failed before are not tried again; a newer one is.
-        candidates.retain(|c| !state.is_bad(&c.name, &c.version.to_string()));
-
+        let mut candidates = self.fetch_candidates(&release, &index).await?;
+        plan::drop_bad(&mut candidates, state);
         let dpkg = self.dpkg_status()?;
-        let mut chosen = Vec::new();
-        for spec in &self.config.agent.packages {
-            let current = dpkg.version(&spec.name);
-            let index_url = self.source.url(&self.dists(&index.path));
-            let candidate = match packages::select(&candidates, spec, current) {
-                Ok(Selection::Install(candidate)) => candidate,
-                Ok(Selection::Current) => continue,
-                Ok(Selection::KeepNewer { installed, offered }) => {
-                    warn!(package = %spec.name, %installed, %offered, "repository offers an older version; not downgrading without a pin");
-                    continue;
+        let index_url = self.source.url(&self.dists(&index.path));
+        let choices = plan::choose(
+            &candidates,
+            &self.config.agent.packages,
+            &dpkg,
+            state,
+            &index_url,
+        )?;
+        for (package, stay) in &choices.stay {
+            match stay {
+                Stay::Current => {}
+                Stay::KeepNewer { installed, offered } => {
+                    warn!(%package, %installed, %offered, "repository offers an older version; not downgrading without a pin")
                 }
-                Err(SelectError::Missing) if state.bad.contains_key(&spec.name) => {
-                    info!(package = %spec.name, "only versions marked bad are published; staying");
-                    continue;
+                Stay::OnlyBadPublished => {
+                    info!(%package, "only versions marked bad are published; staying")
                 }
-                Err(SelectError::Missing) => {
-                    return Err(VerifyError::PackageMissing {
-                        package: spec.name.clone(),
-                        url: index_url,
-                    }
-                    .into());
+                Stay::PinnedBad { version } => {
+                    warn!(%package, %version, "the pinned version is marked bad; staying")
                 }
-                Err(SelectError::PinnedMissing) => {
-                    let version = spec.pinned.clone().unwrap_or_default();
-                    if state.is_bad(&spec.name, &version) {
-                        warn!(package = %spec.name, %version, "the pinned version is marked bad; staying");
-                        continue;
-                    }
-                    return Err(VerifyError::PinnedMissing {
-                        package: spec.name.clone(),
-                        version,
-                        url: index_url,
-                    }
-                    .into());
-                }
-                Err(SelectError::BadInstalledVersion(version)) => {
-                    warn!(package = %spec.name, %version, "dpkg reports an unparsable version; reinstalling");
-                    match packages::select(&candidates, spec, None) {
-                        Ok(Selection::Install(candidate)) => candidate,
-                        _ => continue,
-                    }
-                }
-            };
-            chosen.push((candidate, current));
+            }
         }
-        self.check_depends(&dpkg, &chosen)?;
+        let chosen = choices.install;
+        plan::check_depends(&dpkg, &chosen)?;
         self.check_space(&chosen)?;
 
         // The way back first: no upgrade starts without it.
         let mut ways_back = Vec::new();
-        for (candidate, current) in &chosen {
-            let from = match current {
+        for choice in &chosen {
+            let from = match &choice.current {
                 Some(current) => Some(
-                    self.way_back(candidate, current, state, &candidates)
+                    self.way_back(choice.candidate, current, state, &candidates)
                         .await?,
                 ),
                 None => None,
@@ -395,7 +398,7 @@ impl Agent {
             ways_back.push(from);
         }
         let mut installs = Vec::new();
-        for ((candidate, _), from) in chosen.into_iter().zip(ways_back) {
+        for (Choice { candidate, .. }, from) in chosen.into_iter().zip(ways_back) {
             let deb = self.fetch_deb(candidate).await?;
             installs.push(PlannedInstall {
                 name: candidate.name.clone(),
@@ -414,53 +417,16 @@ impl Agent {
                 url: signed.url.clone(),
                 packages: self.package_specs(),
                 signer: signed.verified.signer,
-                accepted_at: Utc::now(),
+                accepted_at: self.clock.now(),
             },
             installs,
         }))
     }
 
-    /// Refuses, before anything is downloaded, a package whose `Depends` are
-    /// neither installed nor part of this plan.
-    pub(super) fn check_depends(
-        &self,
-        dpkg: &DpkgStatus,
-        chosen: &[(&Candidate, Option<&str>)],
-    ) -> Result<(), Error> {
-        if chosen.iter().all(|(c, _)| c.depends.is_none()) {
-            return Ok(());
-        }
-        let mut installed = dpkg.installed.clone();
-        for (candidate, _) in chosen {
-            installed.add(
-                &candidate.name,
-                candidate.version.clone(),
-                candidate.provides.as_deref(),
-            );
-        }
-        for (candidate, _) in chosen {
-            let missing =
-                depends::unmet(candidate.depends.as_deref().unwrap_or_default(), &installed);
-            if !missing.is_empty() {
-                return Err(InstallError::UnmetDepends {
-                    package: candidate.name.clone(),
-                    version: candidate.version.to_string(),
-                    missing,
-                }
-                .into());
-            }
-        }
-        Ok(())
-    }
-
     /// Checks, before downloading, that the cache can hold the .debs and
     /// the install root their unpacked size (`Installed-Size`).
-    pub(super) fn check_space(&self, chosen: &[(&Candidate, Option<&str>)]) -> Result<(), Error> {
-        let download: u64 = chosen.iter().map(|(c, _)| c.expected.size).sum();
-        let unpacked: u64 = chosen
-            .iter()
-            .map(|(c, _)| c.installed_size_kib.unwrap_or(0) * 1024)
-            .sum();
+    fn check_space(&self, chosen: &[Choice]) -> Result<(), Error> {
+        let (download, unpacked) = plan::space_needed(chosen);
         let cache = self.cache();
         for (path, needed) in [(&cache, download), (&self.config.install.root, unpacked)] {
             if needed == 0 {
@@ -470,8 +436,6 @@ impl Agent {
                 path: path.clone(),
                 source,
             })?;
-            // A margin, so that the node is not left with a full disk.
-            let needed = needed + needed / 10 + (16 << 20);
             if available < needed {
                 return Err(InstallError::DiskFull {
                     path: path.clone(),

@@ -5,14 +5,13 @@
 
 use std::path::PathBuf;
 
-use chrono::Utc;
 use tracing::{info, warn};
 
 use super::fetch::file_sha256;
 use super::{Agent, Outcome, Plan, committed_versions};
 use crate::error::{Error, InstallError, StateError, VerifyError};
 use crate::repo::packages::same_version;
-use crate::state::{FileStamp, InstalledPackage, Pending, PendingPackage, State};
+use crate::state::{InstalledPackage, Pending, PendingPackage, State};
 
 /// Whether the cached .debs handed to dpkg must be hashed again: not when
 /// this process streamed and checked them moments ago, always when they
@@ -36,7 +35,7 @@ impl Agent {
             self.remember_status_stamp();
             return Ok(Outcome::UpToDate);
         }
-        let now = Utc::now();
+        let now = self.clock.now();
         let pending = Pending {
             started_at: now,
             release: plan.release,
@@ -76,7 +75,7 @@ impl Agent {
         debs: DebCheck,
     ) -> Result<Outcome, Error> {
         let timeout = self.config.install.lock_timeout;
-        let Some(_lock) = self.dpkg.lock(timeout).await? else {
+        let Some(_lock) = self.installer.lock(timeout).await? else {
             // A pending install stays journalled in state: it is still owed.
             return Err(Error::Deferred {
                 reason: format!(
@@ -84,9 +83,9 @@ impl Agent {
                 ),
             });
         };
-        if self.dpkg.needs_recovery()? {
+        if self.installer.needs_recovery()? {
             warn!("dpkg was interrupted; running dpkg --configure -a first");
-            self.dpkg.recover().await?;
+            self.installer.recover().await?;
         }
 
         // A cached .deb changed since it was verified (disk error,
@@ -97,7 +96,7 @@ impl Agent {
             Err(e) => {
                 let mut next = state.clone();
                 next.pending = None;
-                next.push_event(format!("install abandoned: {e}"));
+                next.push_event(self.clock.now(), format!("install abandoned: {e}"));
                 next.save(&self.config.state_path())?;
                 *state = next;
                 return Err(e);
@@ -157,7 +156,7 @@ impl Agent {
         if debs.is_empty() {
             return Ok(());
         }
-        self.dpkg.install(debs).await?;
+        self.installer.install(debs).await?;
         let installed = self.dpkg_status()?;
         for package in &pending.packages {
             let Some(target) = which(package) else {
@@ -258,12 +257,15 @@ impl Agent {
                 package.from.as_ref().map(|f| f.version.clone()),
                 package.to.version.clone(),
             ));
-            next.push_event(format!(
-                "installed {} {} (was {})",
-                package.name,
-                package.to.version,
-                package.from.as_ref().map_or("-", |f| f.version.as_str())
-            ));
+            next.push_event(
+                self.clock.now(),
+                format!(
+                    "installed {} {} (was {})",
+                    package.name,
+                    package.to.version,
+                    package.from.as_ref().map_or("-", |f| f.version.as_str())
+                ),
+            );
         }
         next.release = Some(pending.release);
         next.pending = None;
@@ -346,7 +348,7 @@ impl Agent {
             }
         };
         next.pending = None;
-        next.push_event(error.to_string());
+        next.push_event(self.clock.now(), error.to_string());
         next.save(&self.config.state_path())?;
         *state = next;
         self.prune_cache(state);
@@ -391,7 +393,7 @@ impl Agent {
 
     pub(super) fn remember_status_stamp(&self) {
         *self.agreed_status.lock().unwrap_or_else(|e| e.into_inner()) =
-            FileStamp::of(&self.dpkg.status_path());
+            self.installer.status_stamp();
     }
 
     /// Keeps, per package, the current .deb and the last known good one
