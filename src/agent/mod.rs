@@ -32,6 +32,8 @@ use crate::state::{
 
 mod fetch;
 pub mod plan;
+#[cfg(test)]
+mod tests;
 mod txn;
 
 use plan::{Choice, Stay};
