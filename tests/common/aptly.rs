@@ -142,11 +142,6 @@ impl Aptly {
         }
         self.last_publish.set(Some(SystemTime::now()));
     }
-
-    /// The published prefix inside the bucket ("" = root).
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
 }
 
 /// Sleep until the wall clock is in a later whole second than `t`.

@@ -4,10 +4,10 @@
 //! forwards each request to the upstream server on a fresh connection and
 //! relays the answer, unless a [`Fault`] rule matches the request's path:
 //! then it answers an S3 error itself (503 SlowDown, 403 AccessDenied),
-//! resets the connection after some body bytes, trickles the body, or never
-//! answers. It logs every request with what it did (status, body bytes
-//! sent, the SigV4 access key the request was signed with, conditional and
-//! range headers), so a test can assert exactly what the agent asked for.
+//! resets the connection after some body bytes, or trickles the body. It
+//! logs every request with what it did (status, body bytes sent, the SigV4
+//! access key the request was signed with, conditional and range headers),
+//! so a test can assert exactly what the agent asked for.
 //!
 //! HTTP/1.1 with keep-alive towards the client (as the SDK pools
 //! connections); only what the agent sends is supported (bodies by
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use super::imds::reset;
 use super::{HttpResponse, parse_http_response};
 
-/// A trickled or hanging answer gives up after this long (or when the proxy
+/// A trickled answer gives up after this long (or when the proxy
 /// is dropped), so no thread outlives a test by much.
 const STALL_LIMIT: Duration = Duration::from_secs(60);
 
@@ -42,8 +42,6 @@ pub enum Fault {
     ResetAfter { bytes: usize },
     /// Relay the answer, one body byte every `every`.
     Trickle { every: Duration },
-    /// Read the request and never answer.
-    Hang,
     /// Relay, except that a 404 becomes 403 AccessDenied: how S3 answers
     /// for a missing key when the caller may not list the bucket.
     DenyMissing,
@@ -56,17 +54,6 @@ impl Fault {
             status: 503,
             code: "SlowDown",
             message: "Please reduce your request rate.",
-        }
-    }
-
-    /// S3's answer for a key the caller may not read, or a missing key when
-    /// the caller may not list the bucket: 403 AccessDenied.
-    pub fn access_denied() -> Fault {
-        let (status, code, message) = ACCESS_DENIED;
-        Fault::Error {
-            status,
-            code,
-            message,
         }
     }
 }
@@ -87,7 +74,7 @@ pub struct Proxied {
     pub method: String,
     /// Path and query, as sent (`/bucket/key?x-id=GetObject`).
     pub path: String,
-    /// The status sent to the client; `None` when nothing was (hang).
+    /// The status sent to the client; `None` when nothing was.
     pub status: Option<u16>,
     /// Body bytes sent to the client (for a reset: before the reset).
     pub body_bytes: usize,
@@ -290,11 +277,6 @@ fn serve(client: TcpStream, upstream_port: u16, shared: &Shared) {
                 code,
                 message,
             }) => send_error(&mut client, shared, record, status, code, message),
-            Some(Fault::Hang) => {
-                push(shared, record);
-                stall(shared, STALL_LIMIT);
-                false
-            }
             relay => {
                 let Some(HttpResponse {
                     status,
@@ -446,13 +428,6 @@ fn take_fault(shared: &Shared, path: &str) -> Option<Fault> {
         *n -= 1;
     }
     Some(rule.fault.clone())
-}
-
-fn stall(shared: &Shared, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline && !shared.stop.load(Ordering::SeqCst) {
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Sends `request` upstream on a new connection (`Connection: close`) and
