@@ -9,14 +9,24 @@
 //! byte is under the test's control; the agent reads S3 and directories
 //! through the same code after the transport.
 
-mod common;
+// The tests/common modules this binary uses (see tests/common/README.md).
+mod common {
+    pub mod cmd;
+    pub mod deb;
+    pub mod dpkg;
+    pub mod gpg;
+    pub mod node;
+    pub mod repo;
+}
 
 use std::process::{Command, Output};
 
 use chrono::{Duration, Utc};
+use common::cmd::{run, run_with_input};
+use common::deb::{DebSpec, build_deb};
+use common::gpg::GpgKey;
 use common::node::{Node, failure};
 use common::repo::{HandRepo, ReleaseFields};
-use common::{DebSpec, GpgKey, build_deb, run, run_with_input};
 use pulldeploy::state::State;
 
 /// A signing key, a repository with `myapp` 1.0 in it (not yet published)
@@ -439,7 +449,7 @@ fn detached_sig_payload() {
     std::fs::write(f.repo.dists("Release.gpg"), &binary_sig).expect("write Release.gpg");
     assert_ok(&f.node.once());
     assert_eq!(
-        f.node.state().release.map(|r| r.file).as_deref(),
+        f.node.state().release.map(|r| r.file.name()),
         Some("Release")
     );
     let _ = release;

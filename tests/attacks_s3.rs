@@ -14,7 +14,19 @@
 //! `imds_throttled`, `imds_outage_near_expiry`, `no_change_poll`) run the
 //! daemon (`pulldeploy run`) and read its log.
 
-mod common;
+// The tests/common modules this binary uses (see tests/common/README.md).
+mod common {
+    pub mod aptly;
+    pub mod cmd;
+    pub mod deb;
+    pub mod dpkg;
+    pub mod faulty;
+    pub mod gpg;
+    pub mod http;
+    pub mod imds;
+    pub mod moto;
+    pub mod node;
+}
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -22,10 +34,13 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::aptly::Aptly;
+use common::deb::{DebSpec, build_deb};
 use common::faulty::{Fault, FaultyProxy, Proxied};
+use common::gpg::GpgKey;
 use common::imds::{Behaviour, Imds, Request};
+use common::moto::Moto;
 use common::node::{Node, failure};
-use common::{Aptly, DebSpec, GpgKey, Moto, build_deb};
 use pulldeploy::state::State;
 
 const BUCKET: &str = "acme-apt";

@@ -2,14 +2,24 @@
 //! the real binary, `check-config` and `once`, exit 64 and a message that
 //! names what to fix.
 
-mod common;
+// The tests/common modules this binary uses (see tests/common/README.md).
+mod common {
+    pub mod cmd;
+    pub mod deb;
+    pub mod dpkg;
+    pub mod gpg;
+    pub mod node;
+    pub mod repo;
+}
 
 use std::path::Path;
 use std::process::Output;
 
+use common::cmd::describe_output;
+use common::deb::{DebSpec, build_deb};
+use common::gpg::GpgKey;
 use common::node::Node;
 use common::repo::{HandRepo, ReleaseFields};
-use common::{DebSpec, GpgKey, build_deb, describe_output};
 
 const USAGE: i32 = 64;
 

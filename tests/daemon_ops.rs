@@ -2,15 +2,25 @@
 //! notifications, SIGHUP reload without dropping the health server,
 //! /metrics, log formats, and the packaging helpers (completions, man page).
 
-mod common;
+// The tests/common modules this binary uses (see tests/common/README.md).
+mod common {
+    pub mod cmd;
+    pub mod deb;
+    pub mod dpkg;
+    pub mod gpg;
+    pub mod http;
+    pub mod node;
+    pub mod repo;
+}
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
+use common::deb::{DebSpec, build_deb};
+use common::gpg::GpgKey;
 use common::node::Node;
 use common::repo::{HandRepo, ReleaseFields};
-use common::{DebSpec, GpgKey, build_deb};
 
 struct Setup {
     key: GpgKey,
@@ -84,7 +94,7 @@ fn port_of(line: &str) -> u16 {
 }
 
 fn get(port: u16, path: &str) -> (u16, String) {
-    let response = common::http_request(port, "GET", path, &[], &[]);
+    let response = common::http::http_request(port, "GET", path, &[], &[]);
     (response.status, response.text())
 }
 
@@ -243,7 +253,7 @@ fn log_formats_fit_journald_and_json() {
     let out = node.command(&["status"]).output().expect("status");
     assert!(out.status.success());
     std::fs::remove_dir_all(node.dir.path().join("state")).expect("reset state");
-    common::assert_success(
+    common::cmd::assert_success(
         &node
             .root
             .dpkg()

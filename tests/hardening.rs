@@ -7,7 +7,16 @@
 //! over file:// and installs with real dpkg into a sandbox root; waits are
 //! bounded and wait for something, never for a fixed time.
 
-mod common;
+// The tests/common modules this binary uses (see tests/common/README.md).
+mod common {
+    pub mod cmd;
+    pub mod dpkg;
+    pub mod fixture;
+    pub mod gpg;
+    pub mod http;
+    pub mod node;
+    pub mod repo;
+}
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -159,7 +168,7 @@ fn once_while_the_daemon_runs() {
 
 /// pulldeploy_cycles_total from the daemon's /metrics.
 fn cycles(port: u16) -> u64 {
-    let response = common::http_request(port, "GET", "/metrics", &[], &[]);
+    let response = common::http::http_request(port, "GET", "/metrics", &[], &[]);
     response
         .text()
         .lines()

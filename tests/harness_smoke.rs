@@ -1,15 +1,31 @@
 //! Smoke test of the integration-test harness (tests/common): proves each fixture is real
 //! (aptly -> moto -> apt-get, reprepro -> file:// -> apt-get, moto's IMDSv2, moto's access log).
 
-mod common;
+// The tests/common modules this binary uses (see tests/common/README.md).
+mod common {
+    pub mod apt;
+    pub mod aptly;
+    pub mod cmd;
+    pub mod deb;
+    pub mod dpkg;
+    pub mod gpg;
+    pub mod http;
+    pub mod moto;
+    pub mod reprepro;
+}
 
 use std::fs;
 use std::time::Instant;
 
-use common::{
-    AptSandbox, Aptly, DebSpec, GpgKey, Moto, Reprepro, SandboxRoot, assert_success, build_deb,
-    http_request,
-};
+use common::apt::AptSandbox;
+use common::aptly::Aptly;
+use common::cmd::assert_success;
+use common::deb::{DebSpec, build_deb};
+use common::dpkg::SandboxRoot;
+use common::gpg::GpgKey;
+use common::http::http_request;
+use common::moto::Moto;
+use common::reprepro::Reprepro;
 
 fn read_version_file(root: &SandboxRoot, pkg: &str) -> String {
     let path = root.path.join("usr/share").join(pkg).join("VERSION");
@@ -141,7 +157,7 @@ fn reprepro_file_repo_and_sandboxed_apt_get() {
     let sig = debs.path().join("data.asc");
     fs::write(&data, b"payload").expect("write data");
     fs::write(&sig, key.detach_sign(b"payload")).expect("write sig");
-    common::run(
+    common::cmd::run(
         key.gpg().arg("--verify").arg(&sig).arg(&data),
         "gpg --verify of the detached signature",
     );

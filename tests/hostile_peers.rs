@@ -13,7 +13,15 @@
 //!
 //! Every wait has a limit.
 
-mod common;
+// The tests/common modules this binary uses (see tests/common/README.md).
+mod common {
+    pub mod cmd;
+    pub mod deb;
+    pub mod dpkg;
+    pub mod gpg;
+    pub mod node;
+    pub mod repo;
+}
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -23,9 +31,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::deb::{DebSpec, build_deb};
+use common::gpg::GpgKey;
 use common::node::Node;
 use common::repo::{HandRepo, ReleaseFields};
-use common::{DebSpec, GpgKey, build_deb};
 use pulldeploy::health::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
 
 /// Upper bound for one wait: the daemon's start, an install.

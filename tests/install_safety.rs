@@ -14,7 +14,18 @@
 //! Waits are bounded and wait for something (a marker file, a log line, an
 //! app probe, a process exit), never for a fixed time.
 
-mod common;
+// The tests/common modules this binary uses (see tests/common/README.md).
+mod common {
+    pub mod app;
+    pub mod cmd;
+    pub mod dpkg;
+    pub mod dpkg_lock;
+    pub mod fixture;
+    pub mod gpg;
+    pub mod http;
+    pub mod node;
+    pub mod repo;
+}
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -25,8 +36,10 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::GpgKey;
+use common::app::{App, read_head};
+use common::dpkg_lock::LockHolder;
 use common::fixture::*;
+use common::gpg::GpgKey;
 use common::node::Node;
 use common::repo::{HandRepo, ReleaseFields, sha256_hex};
 

@@ -16,7 +16,13 @@
 //!   `examples/terraform/main.tf` parses (python-hcl2) with the load balancer's
 //!   health check on /healthz, port 9100.
 
-mod common;
+// The tests/common modules this binary uses (see tests/common/README.md).
+mod common {
+    pub mod cmd;
+    pub mod dpkg;
+    pub mod gpg;
+    pub mod imds;
+}
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -26,8 +32,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::cmd::{describe_output, output_with_input, run};
+use common::dpkg::SandboxRoot;
+use common::gpg::GpgKey;
 use common::imds::{Behaviour, Imds};
-use common::{GpgKey, SandboxRoot, describe_output, output_with_input, run};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pulldeploy");
@@ -672,7 +680,7 @@ impl FirstBoot {
         let mut env = imds.env(home.path());
         env.extend(
             [
-                ("PATH", common::host_path()),
+                ("PATH", common::cmd::host_path()),
                 ("PULLDEPLOY_REPO_URL", format!("s3://{BUCKET}/repo")),
                 ("PULLDEPLOY_SUITE", "production".into()),
                 ("PULLDEPLOY_PACKAGES", "myapp pulldeploy".into()),

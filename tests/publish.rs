@@ -3,7 +3,17 @@
 //! apt-get (sandboxed, `signed-by`) and by the agent; a publish racing
 //! polls; publishers racing each other; the store's conditional writes.
 
-mod common;
+// The tests/common modules this binary uses (see tests/common/README.md).
+mod common {
+    pub mod apt;
+    pub mod cmd;
+    pub mod deb;
+    pub mod dpkg;
+    pub mod gpg;
+    pub mod http;
+    pub mod moto;
+    pub mod node;
+}
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -11,8 +21,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
+use common::apt::AptSandbox;
+use common::cmd::host_path;
+use common::deb::{DebSpec, build_deb};
+use common::dpkg::SandboxRoot;
+use common::gpg::GpgKey;
+use common::moto::Moto;
 use common::node::{Node, failure};
-use common::{AptSandbox, DebSpec, GpgKey, Moto, SandboxRoot, build_deb, host_path};
 use pulldeploy::keyring::Keyring;
 use pulldeploy::publish::store::{Body, Condition, DirStore, S3Store, Store, Written};
 use pulldeploy::repo::packages::read_candidates;
@@ -167,7 +182,7 @@ impl Repo {
 }
 
 fn rand_suffix() -> String {
-    hex::encode(common::random_bytes(4))
+    hex::encode(common::cmd::random_bytes(4))
 }
 
 /// Static credentials for moto, nothing from the host, no IMDS.
@@ -347,7 +362,7 @@ fn publish_then_apt_and_agent_install(repo: Repo) {
     apt_update(&apt);
     assert_ok(&apt.install("myapp"), "apt-get install (upgrade)");
     assert_eq!(root.installed_version("myapp").as_deref(), Some("1.1-1"));
-    let downgrade = common::output_with_input(
+    let downgrade = common::cmd::output_with_input(
         apt.command("apt-get")
             .args(["-q", "-y", "--allow-downgrades", "install", "myapp=1.0-1"]),
         &[],
@@ -416,7 +431,7 @@ fn deb_compressed(dir: &Path, name: &str, version: &str, arch: &str, compression
     )
     .expect("control");
     let deb = dir.join(format!("{name}_{version}_{arch}.deb"));
-    common::run(
+    common::cmd::run(
         Command::new("dpkg-deb")
             .args(["--build", "--root-owner-group", &format!("-Z{compression}")])
             .arg(&tree)
@@ -453,7 +468,7 @@ fn control_members_in_gzip_xz_zstd_and_arch_all() {
         Some("1:2.0~rc1")
     );
     // The description round-trips byte for byte (multi-line, with " .").
-    let shown = common::run(
+    let shown = common::cmd::run(
         apt.command("apt-cache").args(["show", "app-gz"]),
         "apt-cache show",
     );
@@ -590,7 +605,7 @@ fn a_secret_key_that_cannot_sign_is_refused() {
             .args(args);
         command
     };
-    common::run(
+    common::cmd::run(
         &mut gpg(&[
             &format!("--faked-system-time={created}!"),
             "--quick-gen-key",
@@ -601,7 +616,7 @@ fn a_secret_key_that_cannot_sign_is_refused() {
         ]),
         "gpg --quick-gen-key (expired)",
     );
-    let secret = common::run(&mut gpg(&["--armor", "--export-secret-keys"]), "export");
+    let secret = common::cmd::run(&mut gpg(&["--armor", "--export-secret-keys"]), "export");
     let secret_file = home.path().join("secret.asc");
     std::fs::write(&secret_file, &secret.stdout).expect("write secret");
     let out = Command::new(env!("CARGO_BIN_EXE_pulldeploy"))
@@ -1161,7 +1176,7 @@ fn inrelease_date_and_last_modified(
     let Backend::S3(moto) = &repo.backend else {
         panic!("Last-Modified is read from moto");
     };
-    let response = common::http_request(
+    let response = common::http::http_request(
         moto.port,
         "GET",
         &format!("/{BUCKET}/repo/dists/{suite}/InRelease"),

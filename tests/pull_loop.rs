@@ -2,15 +2,31 @@
 //! credentials from an IMDSv2 emulator, reprepro over file://, real dpkg in
 //! a sandbox root, and the two rejections every cycle must make.
 
-mod common;
+// The tests/common modules this binary uses (see tests/common/README.md).
+mod common {
+    pub mod aptly;
+    pub mod cmd;
+    pub mod deb;
+    pub mod dpkg;
+    pub mod gpg;
+    pub mod http;
+    pub mod imds;
+    pub mod moto;
+    pub mod node;
+    pub mod reprepro;
+}
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::aptly::Aptly;
+use common::deb::{DebSpec, build_deb};
+use common::gpg::GpgKey;
 use common::imds::{Behaviour, Imds};
+use common::moto::Moto;
 use common::node::{Node, failure};
-use common::{Aptly, DebSpec, GpgKey, Moto, Reprepro, build_deb};
+use common::reprepro::Reprepro;
 
 const BUCKET: &str = "acme-apt";
 
@@ -164,7 +180,7 @@ fn file_repository_made_by_reprepro() {
 
     // The package removed behind the agent's back: a poll notices even
     // though the repository did not change, and reinstalls.
-    common::assert_success(
+    common::cmd::assert_success(
         &node
             .root
             .dpkg()
@@ -289,7 +305,7 @@ fn get(addr: &str, path: &str) -> (u16, String) {
         .next()
         .and_then(|p| p.parse().ok())
         .expect("health port");
-    let response = common::http_request(port, "GET", path, &[], &[]);
+    let response = common::http::http_request(port, "GET", path, &[], &[]);
     (response.status, response.text())
 }
 

@@ -23,6 +23,7 @@ pub fn describe_output(out: &Output) -> String {
 
 /// Panic with `what`, the exit status, stdout and stderr unless `out` succeeded.
 #[track_caller]
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn assert_success(out: &Output, what: &str) {
     assert!(
         out.status.success(),
@@ -101,6 +102,7 @@ pub fn host_path() -> String {
 
 /// Pseudo-random bytes (splitmix64, seeded per call from time, pid and a counter): enough to
 /// make payloads incompressible and distinct between builds; not cryptographic.
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn random_bytes(len: usize) -> Vec<u8> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()

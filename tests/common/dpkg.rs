@@ -41,6 +41,7 @@ impl SandboxRoot {
     }
 
     /// The installed version of `pkg`, only when dpkg's status is "ii" (installed, no error).
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn installed_version(&self, pkg: &str) -> Option<String> {
         let out = output_with_input(
             Command::new("dpkg-query")
@@ -69,6 +70,7 @@ impl SandboxRoot {
     /// `--force-not-root` (the harness may not be root), `--force-script-chrootless` (run
     /// maintainer scripts without chroot, which needs no /bin/sh inside the sandbox) and
     /// `--log` (without it dpkg appends to the host's /var/log/dpkg.log even with `--root`).
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn dpkg(&self) -> Command {
         let mut cmd = Command::new("dpkg");
         cmd.arg(format!("--root={}", self.path.display()))
@@ -78,6 +80,7 @@ impl SandboxRoot {
     }
 
     /// `dpkg -i DEB` into this root.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn dpkg_install(&self, deb: &Path) {
         run(self.dpkg().arg("-i").arg(deb), "dpkg -i");
     }

@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::http::{HttpResponse, parse_http_response};
 use super::imds::reset;
-use super::{HttpResponse, parse_http_response};
 
 /// A trickled answer gives up after this long (or when the proxy
 /// is dropped), so no thread outlives a test by much.
@@ -71,6 +71,7 @@ struct Rule {
 /// One request as the proxy handled it.
 #[derive(Clone, Debug)]
 pub struct Proxied {
+    #[allow(dead_code, reason = "read through Debug, in failure messages")]
     pub method: String,
     /// Path and query, as sent (`/bucket/key?x-id=GetObject`).
     pub path: String,
@@ -92,6 +93,7 @@ pub struct Proxied {
     pub if_none_match: Option<String>,
     pub range: Option<String>,
     /// The fault applied, if any (its Debug form).
+    #[allow(dead_code, reason = "read through Debug, in failure messages")]
     pub fault: Option<String>,
     /// When the request was read.
     pub at: Instant,

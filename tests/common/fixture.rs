@@ -1,30 +1,29 @@
 //! The install fixture: packages built with dpkg-deb (maintainer scripts
 //! that fail, wait on a marker file or record the time; conffiles; a huge
 //! Installed-Size; Depends), a node reading a hand-made signed repository
-//! over file://, the agent as a child process read line by line, another
-//! process holding dpkg's lock, and an app health endpoint whose answers
-//! the test scripts.
+//! over file://, and the agent as a child process read line by line.
+//! Another process holding dpkg's lock is in dpkg_lock.rs, the app behind
+//! `check_url` in app.rs.
 //!
 //! Waits are bounded and wait for something (a marker file, a log line, an
 //! app probe, a process exit), never for a fixed time.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use crate::common::GpgKey;
-use crate::common::node::{Node, failure};
-use crate::common::repo::{HandRepo, ReleaseFields};
 use pulldeploy::state::{InstalledPackage, State};
 use tempfile::TempDir;
+
+use super::gpg::GpgKey;
+use super::node::{Node, failure};
+use super::repo::{HandRepo, ReleaseFields};
 
 /// Upper bound for any one wait: a process exit, a log line, a marker.
 pub const LIMIT: Duration = Duration::from_secs(30);
@@ -65,6 +64,7 @@ pub fn pkg(name: &str, version: &str) -> Pkg {
 }
 
 impl Pkg {
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn preinst(mut self, body: &str) -> Pkg {
         self.preinst = Some(body.into());
         self
@@ -73,22 +73,27 @@ impl Pkg {
         self.postinst = Some(body.into());
         self
     }
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn depends(mut self, depends: &str) -> Pkg {
         self.depends = Some(depends.into());
         self
     }
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn installed_size_kib(mut self, kib: u64) -> Pkg {
         self.installed_size_kib = Some(kib);
         self
     }
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn conffile(mut self, content: &str) -> Pkg {
         self.conffile = Some(content.into());
         self
     }
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn payload(mut self, bytes: usize) -> Pkg {
         self.payload_bytes = bytes;
         self
     }
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn extra_file(mut self, path: &str, content: &str) -> Pkg {
         self.extra_file = Some((path.into(), content.into()));
         self
@@ -111,7 +116,7 @@ pub fn build(out: &Path, p: &Pkg) -> PathBuf {
     if p.payload_bytes > 0 {
         files.push((
             format!("usr/share/{}/payload", p.name),
-            crate::common::random_bytes(p.payload_bytes),
+            super::cmd::random_bytes(p.payload_bytes),
             0o644,
         ));
     }
@@ -158,7 +163,7 @@ pub fn build(out: &Path, p: &Pkg) -> PathBuf {
     chmod_dirs(root);
     std::fs::create_dir_all(out).expect("mkdir deb output");
     let deb = out.join(p.deb_name());
-    crate::common::run(
+    super::cmd::run(
         Command::new("dpkg-deb")
             .args(["--build", "--root-owner-group", "-Zgzip"])
             .arg(root)
@@ -247,6 +252,7 @@ impl Fixture {
     }
 
     /// The agent's own directory in the node's cache_dir.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn cache_dir(&self) -> PathBuf {
         self.node.dir.path().join("cache/pulldeploy")
     }
@@ -309,6 +315,7 @@ pub fn versions(map: &BTreeMap<String, InstalledPackage>) -> BTreeMap<String, St
         .collect()
 }
 
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
@@ -323,6 +330,7 @@ pub fn bad(pairs: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
         .collect()
 }
 
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn pending_target(state: &State) -> Option<String> {
     state.pending.as_ref().map(|p| {
         p.packages
@@ -344,6 +352,7 @@ pub fn dpkg_log(node: &Node) -> Vec<String> {
 
 /// Entries of dpkg's journal (var/lib/dpkg/updates) other than its
 /// scratch file: non-empty after an interrupted dpkg run.
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn journal(node: &Node) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(node.root.admindir().join("updates"))
         .map(|entries| {
@@ -380,7 +389,7 @@ pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
 }
 
 pub fn healthz(port: u16) -> (u16, String) {
-    let response = crate::common::http_request(port, "GET", "/healthz", &[], &[]);
+    let response = super::http::http_request(port, "GET", "/healthz", &[], &[]);
     (response.status, response.text())
 }
 
@@ -576,166 +585,4 @@ impl Drop for Running {
             self.kill();
         }
     }
-}
-
-/// Another process holding dpkg's frontend lock the way dpkg and apt take
-/// it: an fcntl write lock on ROOT/var/lib/dpkg/lock-frontend.
-pub struct LockHolder {
-    pub child: Child,
-}
-
-impl LockHolder {
-    pub fn take(path: &Path) -> LockHolder {
-        let mut child = Command::new("python3")
-            .args([
-                "-c",
-                "import fcntl,time,sys\n\
-                 f=open(sys.argv[1],'w')\n\
-                 fcntl.lockf(f, fcntl.LOCK_EX)\n\
-                 print('locked', flush=True)\n\
-                 time.sleep(60)",
-            ])
-            .arg(path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .expect("start python3 holding the dpkg lock");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let holder = LockHolder { child };
-        match rx.recv_timeout(LIMIT) {
-            Ok(line) if line.trim() == "locked" => holder,
-            other => panic!("the lock holder did not lock {}: {other:?}", path.display()),
-        }
-    }
-}
-
-impl Drop for LockHolder {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-// ---- The app behind check_url ---------------------------------------------------
-
-/// One probe of the app, as the app saw it.
-#[derive(Clone, Debug)]
-pub struct Probe {
-    pub at: SystemTime,
-    /// usr/share/myapp/VERSION in the sandbox root: the running version.
-    pub version: String,
-    pub status: u16,
-    /// state.json at that moment: the committed version of myapp, and the
-    /// pending install.
-    pub committed: Option<String>,
-    pub pending: Option<String>,
-}
-
-/// The application's health endpoint. Its answer is decided per probe by
-/// the test's closure from the running version (read from the sandbox
-/// root) and how many probes that version has had: a new version can be
-/// sick, slow to start or flapping, independently of the old one.
-pub struct App {
-    pub probes: Arc<Mutex<Vec<Probe>>>,
-    pub stop: Arc<AtomicBool>,
-    pub addr: SocketAddr,
-}
-
-impl App {
-    /// Starts the app and points the node's `check_url` at it.
-    pub fn start(node: &Node, answer: impl FnMut(&str, usize) -> u16 + Send + 'static) -> App {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind app");
-        let addr = listener.local_addr().expect("app addr");
-        let probes = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let version_file = node.root.path.join("usr/share/myapp/VERSION");
-        let state_path = node.dir.path().join("state/state.json");
-        {
-            let probes = probes.clone();
-            let stop = stop.clone();
-            let mut answer = answer;
-            thread::spawn(move || {
-                let mut seen: HashMap<String, usize> = HashMap::new();
-                for stream in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let Ok(mut stream) = stream else { continue };
-                    if read_head(&mut stream).is_none() {
-                        continue;
-                    }
-                    let version = std::fs::read_to_string(&version_file)
-                        .map(|v| v.trim().to_string())
-                        .unwrap_or_else(|_| "-".into());
-                    let count = seen.entry(version.clone()).or_default();
-                    let nth = *count;
-                    *count += 1;
-                    let state = State::load(&state_path).ok();
-                    let status = answer(&version, nth);
-                    probes.lock().expect("probes").push(Probe {
-                        at: SystemTime::now(),
-                        version,
-                        status,
-                        committed: state
-                            .as_ref()
-                            .and_then(|s| s.installed.get("myapp").map(|p| p.version.clone())),
-                        pending: state.as_ref().and_then(pending_target),
-                    });
-                    let _ = stream.write_all(
-                        format!(
-                            "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                        )
-                        .as_bytes(),
-                    );
-                }
-            });
-        }
-        configure(
-            node,
-            "health",
-            &format!("check_url = \"http://{addr}/health\""),
-        );
-        App { probes, stop, addr }
-    }
-
-    pub fn probes_of(&self, version: &str) -> Vec<Probe> {
-        self.probes
-            .lock()
-            .expect("probes")
-            .iter()
-            .filter(|p| p.version == version)
-            .cloned()
-            .collect()
-    }
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
-    }
-}
-
-/// Reads an HTTP request head (no body is expected).
-pub fn read_head(stream: &mut TcpStream) -> Option<String> {
-    let _ = stream.set_read_timeout(Some(LIMIT));
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match stream.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => return None,
-        }
-        if head.len() > 64 * 1024 {
-            return None;
-        }
-    }
-    Some(String::from_utf8_lossy(&head).into_owned())
 }

@@ -28,12 +28,14 @@ impl GpgKey {
     }
 
     /// An rsa3072 signing-only key that never expires.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn generate_rsa(uid: &str) -> GpgKey {
         Self::generate_with(uid, "rsa3072")
     }
 
     /// An ed25519 key created `days` ago (gpg's --faked-system-time), for
     /// tests that move the agent's clock back.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn generate_backdated(uid: &str, days: u64) -> GpgKey {
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -116,6 +118,7 @@ impl GpgKey {
     }
 
     /// `gpg --clearsign --digest-algo SHA256` (an InRelease-style signed text).
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn clearsign(&self, input: &[u8]) -> Vec<u8> {
         let out = run_with_input(
             self.gpg()
@@ -129,6 +132,7 @@ impl GpgKey {
     }
 
     /// Armored detached signature (a Release.gpg).
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn detach_sign(&self, input: &[u8]) -> Vec<u8> {
         let out = run_with_input(
             self.gpg()

@@ -16,6 +16,7 @@ pub struct HttpResponse {
 
 impl HttpResponse {
     /// First header named `name` (case-insensitive).
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -126,6 +127,7 @@ fn decode_chunked(mut data: &[u8]) -> Result<Vec<u8>, String> {
 
 /// Percent-encode everything except RFC 3986 unreserved characters (and `/` when `keep_slash`).
 /// `+` in particular is encoded: S3 servers may read a literal `+` in a path as a space.
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn percent_encode(s: &str, keep_slash: bool) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {

@@ -85,21 +85,27 @@ pub struct Request {
     pub path: String,
     /// The `x-aws-ec2-metadata-token` header, if any (`None` on a metadata
     /// GET means an IMDSv1 request).
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub token: Option<String>,
     /// What was answered; `None` when nothing was (hang, outage).
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub status: Option<u16>,
     /// For a successful token PUT, the token issued.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub issued: Option<String>,
     /// When the request was read.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub at: Instant,
 }
 
 impl Request {
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn is_token_put(&self) -> bool {
         self.method == "PUT" && self.path == "/latest/api/token"
     }
 
     /// A GET of `security-credentials/ROLE` (the credentials themselves).
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn is_credentials_get(&self) -> bool {
         self.method == "GET" && self.path == format!("{CREDENTIALS_PATH}{ROLE}")
     }
@@ -157,6 +163,7 @@ impl Imds {
     }
 
     /// "METHOD path" of every request so far.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn requests(&self) -> Vec<String> {
         self.log()
             .into_iter()
@@ -169,12 +176,14 @@ impl Imds {
         self.shared.log.lock().expect("IMDS request log").clone()
     }
 
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn set(&self, change: impl FnOnce(&mut Behaviour)) {
         change(&mut self.behaviour.lock().expect("IMDS behaviour"));
     }
 
     /// Stops accepting every token issued so far (401 from now on), as an
     /// IMDS that restarted or rotated its token key would.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn revoke_tokens(&self) {
         for token in self.shared.tokens.lock().expect("IMDS tokens").iter_mut() {
             token.revoked = true;

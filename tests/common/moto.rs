@@ -178,6 +178,7 @@ impl Moto {
 
     /// A bucket policy allowing anonymous `s3:GetObject` on every key, so apt's http method
     /// can read the bucket path-style.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn allow_anonymous_read(&self, bucket: &str) {
         let policy = format!(
             r#"{{"Version":"2012-10-17","Statement":[{{"Sid":"AnonymousRead","Effect":"Allow","Principal":"*","Action":"s3:GetObject","Resource":"arn:aws:s3:::{bucket}/*"}}]}}"#
@@ -209,11 +210,13 @@ impl Moto {
         (resp.status == 200).then_some(resp.body)
     }
 
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn delete_object(&self, bucket: &str, key: &str) {
         self.s3("DELETE", &object_path(bucket, key), &[], &[], &[204, 200]);
     }
 
     /// Every key under `prefix` (ListObjectsV2, following continuation tokens), in S3 order.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn list_keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
         let mut keys = Vec::new();
         let mut token: Option<String> = None;
@@ -247,12 +250,14 @@ impl Moto {
     /// werkzeug logs a request when it sends the status line, before the body, so a request
     /// whose response the client has read is already in the file; this still re-reads the log
     /// until two reads 50 ms apart agree (at most 2 s), for requests still in flight.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn request_count(&self) -> usize {
         self.settled_requests().len()
     }
 
     /// The requests logged after `mark` (a value of [`Moto::request_count`]), each as
     /// `"METHOD PATH STATUS"`, e.g. `"GET /bucket/dists/stable/InRelease 304"`.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn requests_since(&self, mark: usize) -> Vec<String> {
         self.settled_requests().into_iter().skip(mark).collect()
     }
@@ -273,6 +278,7 @@ impl Moto {
     /// Environment for a child that must get AWS credentials from this server's IMDS only.
     /// Use with `Command::env_clear()` plus `PATH`. The region also comes from IMDS
     /// (`placement/region` = us-east-1) unless the caller sets one.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn imds_env(&self) -> Vec<(String, String)> {
         let home = self.imds_home.display().to_string();
         vec![

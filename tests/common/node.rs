@@ -7,7 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use pulldeploy::state::State;
 use tempfile::TempDir;
 
-use super::SandboxRoot;
+use super::dpkg::SandboxRoot;
 
 pub struct Node {
     pub dir: TempDir,
@@ -45,6 +45,7 @@ impl Node {
     }
 
     /// Adds environment variables for the agent (it gets nothing else but PATH).
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn with_env(mut self, env: Vec<(String, String)>) -> Node {
         self.env.extend(env);
         self
@@ -60,7 +61,7 @@ impl Node {
         let mut command = Command::new(env!("CARGO_BIN_EXE_pulldeploy"));
         command
             .env_clear()
-            .env("PATH", super::host_path())
+            .env("PATH", super::cmd::host_path())
             .env("HOME", self.home())
             .env("PULLDEPLOY_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -72,6 +73,7 @@ impl Node {
     }
 
     /// `pulldeploy once`, waited for.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn once(&self) -> Output {
         self.command(&["once"])
             .output()
@@ -79,6 +81,7 @@ impl Node {
     }
 
     /// `pulldeploy run`, running; stderr piped for the caller to read.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn spawn_run(&self) -> Child {
         self.command(&["run"])
             .stdout(Stdio::null())
@@ -87,15 +90,18 @@ impl Node {
             .expect("spawn pulldeploy run")
     }
 
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn state(&self) -> State {
         State::load(&self.dir.path().join("state/state.json")).expect("read the node's state.json")
     }
 
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn installed(&self, package: &str) -> Option<String> {
         self.root.installed_version(package)
     }
 
     /// The files in the agent's own cache directory (`cache/pulldeploy`).
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn cache_files(&self) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(self.dir.path().join("cache/pulldeploy"))
             .map(|entries| {
@@ -111,6 +117,7 @@ impl Node {
 }
 
 /// Exit code and the last stderr line, for assertions.
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn failure(output: &Output) -> (Option<i32>, String) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     let last = stderr.lines().last().unwrap_or_default().to_string();

@@ -9,7 +9,8 @@ use chrono::{DateTime, Duration, Utc};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
-use super::{GpgKey, run};
+use super::cmd::run;
+use super::gpg::GpgKey;
 
 pub const SUITE: &str = "production";
 
@@ -193,6 +194,7 @@ impl HandRepo {
     }
 
     /// Removes InRelease so that agents must use Release + Release.gpg.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn without_inrelease(&self) {
         std::fs::remove_file(self.dists("InRelease")).expect("remove InRelease");
     }
