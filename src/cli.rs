@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::repo::names::{Architecture, Component, PackageSpec, Suite};
+
 /// Pull-based deployment agent: installs the newest signed version of your
 /// packages from an apt repository in S3 or a local directory.
 #[derive(Debug, Parser)]
@@ -76,7 +78,7 @@ pub struct RepoArgs {
     #[arg(long)]
     pub region: Option<String>,
     /// The component the packages go to.
-    #[arg(long, default_value = "main")]
+    #[arg(long, default_value = "main", value_parser = component)]
     pub component: String,
     /// OpenPGP secret key file (armored or binary, no passphrase) that signs the suite.
     #[arg(long)]
@@ -98,14 +100,14 @@ pub struct PublishArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     /// The suite (dists/SUITE).
-    #[arg(long)]
+    #[arg(long, value_parser = suite)]
     pub suite: String,
     /// Keep at most N versions of each package (per architecture); default: all.
     #[arg(long)]
     pub keep: Option<usize>,
     /// An architecture the suite must have an index for (repeatable); needed
     /// when only Architecture: all packages are published.
-    #[arg(long)]
+    #[arg(long, value_parser = index_architecture)]
     pub architecture: Vec<String>,
     /// The .deb files to add.
     #[arg(required = true, value_name = "PKG.deb")]
@@ -117,16 +119,16 @@ pub struct PromoteArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     /// The suite to take the packages from.
-    #[arg(long)]
+    #[arg(long, value_parser = suite)]
     pub from: String,
     /// The suite to add them to.
-    #[arg(long)]
+    #[arg(long, value_parser = suite)]
     pub to: String,
     /// Keep at most N versions of each package in the target suite; default: all.
     #[arg(long)]
     pub keep: Option<usize>,
     /// PACKAGE (its newest version) or PACKAGE=VERSION.
-    #[arg(required = true, value_name = "PKG[=VER]")]
+    #[arg(required = true, value_name = "PKG[=VER]", value_parser = package_spec)]
     pub packages: Vec<String>,
 }
 
@@ -135,6 +137,34 @@ pub struct RefreshArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     /// The suite to sign again.
-    #[arg(long)]
+    #[arg(long, value_parser = suite)]
     pub suite: String,
+}
+
+// ---- value parsers: the names of crate::repo::names, kept as text ---------
+
+fn suite(text: &str) -> Result<String, String> {
+    Suite::parse(text).map(Suite::into_string)
+}
+
+fn component(text: &str) -> Result<String, String> {
+    Component::parse(text).map(Component::into_string)
+}
+
+/// An architecture that has an index of its own: `all` has none (its
+/// packages go into every architecture's index).
+fn index_architecture(text: &str) -> Result<String, String> {
+    let arch = Architecture::parse(text)?;
+    if arch.as_str() == "all" {
+        return Err(
+            "\"all\" has no index of its own; name a machine architecture like amd64".into(),
+        );
+    }
+    Ok(arch.into_string())
+}
+
+/// `PKG` or `PKG=VER`, checked as `agent.packages` is.
+fn package_spec(text: &str) -> Result<String, String> {
+    PackageSpec::parse(text)?;
+    Ok(text.to_string())
 }

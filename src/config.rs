@@ -14,6 +14,7 @@ use std::time::Duration;
 use toml::{Table, Value};
 
 use crate::error::ConfigError;
+use crate::repo::names::{self, Architecture, Suite};
 
 /// Default cap on InRelease/Release: apt's own InRelease files are a few
 /// hundred KiB even for Debian main; 16 MiB leaves room for thousands of
@@ -118,61 +119,7 @@ pub struct Agent {
 }
 
 /// One entry of `agent.packages`: `name` or `name=version` (a pin).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PackageSpec {
-    pub name: String,
-    pub pinned: Option<String>,
-}
-
-impl PackageSpec {
-    pub fn parse(text: &str) -> Result<PackageSpec, String> {
-        let (name, pinned) = match text.split_once('=') {
-            Some((name, version)) => (name, Some(version)),
-            None => (text, None),
-        };
-        if !valid_package_name(name) {
-            return Err(format!(
-                "{name:?} is not a Debian package name ([a-z0-9][a-z0-9+.-]+)"
-            ));
-        }
-        if let Some(version) = pinned {
-            version
-                .parse::<debversion::Version>()
-                .map_err(|e| format!("pinned version {version:?} of {name}: {e}"))?;
-            // dpkg refuses an empty upstream part ("1:" or "1:-2").
-            let upstream = version.split_once(':').map_or(version, |(_, rest)| rest);
-            if !upstream.starts_with(|c: char| c.is_ascii_digit()) {
-                return Err(format!(
-                    "pinned version {version:?} of {name}: the upstream version must start with a digit"
-                ));
-            }
-        }
-        Ok(PackageSpec {
-            name: name.to_string(),
-            pinned: pinned.map(str::to_string),
-        })
-    }
-}
-
-impl std::fmt::Display for PackageSpec {
-    /// As written in the config: `name` or `name=version`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.pinned {
-            Some(version) => write!(f, "{}={version}", self.name),
-            None => f.write_str(&self.name),
-        }
-    }
-}
-
-/// Debian Policy 5.6.1: at least two characters, lower case letters, digits,
-/// `+ - .`, starting with an alphanumeric.
-pub fn valid_package_name(name: &str) -> bool {
-    name.len() >= 2
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
-}
+pub use crate::repo::names::PackageSpec;
 
 #[derive(Debug, Clone)]
 pub struct Install {
@@ -391,11 +338,6 @@ fn http_url(text: &str) -> Result<String, String> {
     Ok(text.trim_end_matches('/').to_string())
 }
 
-/// A suite or component: one path segment of `dists/`.
-fn valid_dist_name(name: &str) -> bool {
-    !name.is_empty() && !name.contains(['/', ' ']) && !name.contains("..")
-}
-
 /// A path of the file, relative ones against the file's directory.
 fn resolve(base: &Path, path: PathBuf) -> PathBuf {
     if path.is_absolute() {
@@ -420,35 +362,18 @@ fn read_repository(mut s: Section, base: &Path) -> (Option<Repository>, Option<P
         s.problem("endpoint", "only meaningful with an s3:// url");
     }
     let region = s.take_str("region");
-    let suite = s.need("suite", Section::take_str).and_then(|suite| {
-        if valid_dist_name(&suite) {
-            Some(suite)
-        } else {
-            s.problem("suite", format!("{suite:?} is not a suite name"));
-            None
-        }
-    });
+    let suite = s
+        .need("suite", Section::take_str)
+        .and_then(|suite| s.check("suite", Suite::parse(&suite)));
     let component = s
         .take_str("component")
         .unwrap_or_else(|| DEFAULT_COMPONENT.to_string());
-    if !valid_dist_name(&component) {
-        s.problem(
-            "component",
-            format!("{component:?} is not a component name"),
-        );
+    if let Err(message) = names::Component::parse(&component) {
+        s.problem("component", message);
     }
-    let architecture = s.take_str("architecture");
-    if let Some(arch) = &architecture
-        && (arch.is_empty()
-            || !arch
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
-    {
-        s.problem(
-            "architecture",
-            format!("{arch:?} is not a Debian architecture"),
-        );
-    }
+    let architecture = s
+        .take_str("architecture")
+        .and_then(|arch| s.check("architecture", Architecture::parse(&arch)));
     let keyring = s
         .need("keyring", Section::take_path)
         .map(|path| resolve(base, path));
@@ -470,9 +395,9 @@ fn read_repository(mut s: Section, base: &Path) -> (Option<Repository>, Option<P
             url,
             endpoint,
             region,
-            suite,
+            suite: suite.into_string(),
             component,
-            architecture,
+            architecture: architecture.map(Architecture::into_string),
             keyring: keyring.clone(),
             max_age,
             clock_skew,

@@ -121,39 +121,23 @@ pub fn parse_stanzas(text: &str) -> Result<Vec<Stanza>, String> {
 /// Debian Policy §5.6.1: at least two characters, lower-case letters,
 /// digits, `+`, `-`, `.`, starting with a letter or digit.
 pub fn valid_package_name(name: &str) -> bool {
-    name.len() >= 2
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
+    crate::repo::names::PackageName::is_valid(name)
 }
 
 /// Debian Policy §5.6.12, checked by `debversion`, plus the characters it
 /// allows (no whitespace, no `/`, so it can name a pool file).
 pub fn valid_version(version: &str) -> bool {
-    !version.is_empty()
-        && version
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+-.~:".contains(&b))
-        && version.parse::<Version>().is_ok()
+    crate::repo::names::Version::is_valid(version)
 }
 
 /// A Debian architecture name (`amd64`, `arm64`, `all`).
 pub fn valid_architecture(arch: &str) -> bool {
-    !arch.is_empty()
-        && arch
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    crate::repo::names::Architecture::is_valid(arch)
 }
 
 /// A suite or component name: what may stand in `dists/<suite>/<component>`.
 pub fn valid_dist_name(name: &str) -> bool {
-    !name.is_empty()
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+-._~".contains(&b))
+    crate::repo::names::Suite::is_valid(name)
 }
 
 /// The pool path of a package, as Debian lays it out:

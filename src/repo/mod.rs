@@ -13,5 +13,6 @@ pub mod capped;
 pub mod csf;
 pub mod depends;
 pub mod digest;
+pub mod names;
 pub mod packages;
 pub mod release;
