@@ -76,8 +76,8 @@ pub struct AcceptedRelease {
     pub valid_until: Option<DateTime<Utc>>,
     /// ETag of the InRelease (or Release) object, sent as If-None-Match.
     pub etag: Option<String>,
-    /// Which file carried the signature: `InRelease` or `Release`.
-    pub file: String,
+    /// Which file carried the signature.
+    pub file: ReleaseFile,
     /// Its URL: an ETag is only meaningful for the object it came from.
     #[serde(default)]
     pub url: String,
@@ -102,11 +102,82 @@ pub struct InstalledPackage {
     pub deb: Option<String>,
 }
 
+/// The signed file a Release came from: `InRelease` (cleartext-signed)
+/// or `Release` with its detached `Release.gpg`. Written in state.json as
+/// the file's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReleaseFile {
+    InRelease,
+    Release,
+}
+
+impl ReleaseFile {
+    /// The file's name under `dists/SUITE/`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReleaseFile::InRelease => "InRelease",
+            ReleaseFile::Release => "Release",
+        }
+    }
+}
+
+impl std::fmt::Display for ReleaseFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl PartialEq<&str> for ReleaseFile {
+    fn eq(&self, other: &&str) -> bool {
+        self.name() == *other
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Poll {
     pub at: DateTime<Utc>,
-    pub outcome: String,
+    pub outcome: PollOutcome,
+}
+
+/// What the last successful poll found. Written in state.json as the
+/// words `once` prints (`unchanged`, `up to date`, `installed myapp 1.1`),
+/// so status and scripts read it as text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum PollOutcome {
+    /// The signed Release did not change (HTTP 304).
+    Unchanged,
+    /// A new Release was verified; everything was at its wanted version.
+    UpToDate,
+    /// Something was installed; what, in words.
+    Installed(String),
+}
+
+impl std::fmt::Display for PollOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PollOutcome::Unchanged => f.write_str("unchanged"),
+            PollOutcome::UpToDate => f.write_str("up to date"),
+            PollOutcome::Installed(what) => f.write_str(what),
+        }
+    }
+}
+
+impl From<String> for PollOutcome {
+    fn from(text: String) -> Self {
+        match text.as_str() {
+            "unchanged" => PollOutcome::Unchanged,
+            "up to date" => PollOutcome::UpToDate,
+            _ => PollOutcome::Installed(text),
+        }
+    }
+}
+
+impl From<PollOutcome> for String {
+    fn from(outcome: PollOutcome) -> Self {
+        outcome.to_string()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

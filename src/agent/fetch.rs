@@ -16,11 +16,11 @@ use crate::repo::digest::{Expected, StreamDigest};
 use crate::repo::packages::{self, Candidate, PackagesError, same_version};
 use crate::repo::release::{self, Compression, Freshness, IndexFile, Release, Stale};
 use crate::source::{self, Fetched};
-use crate::state::{InstalledPackage, State};
+use crate::state::{InstalledPackage, ReleaseFile, State};
 
 /// A signed Release as fetched, before its content is trusted.
 pub(super) struct SignedRelease {
-    pub(super) file: &'static str,
+    pub(super) file: ReleaseFile,
     pub(super) url: String,
     pub(super) etag: Option<String>,
     pub(super) verified: Verified,
@@ -129,21 +129,22 @@ impl Agent {
         etag: Option<&str>,
     ) -> Result<Option<SignedRelease>, Error> {
         let limit = self.config.repository.max_release_bytes;
-        let accepted_file = state.release.as_ref().map(|r| r.file.as_str());
+        let accepted_file = state.release.as_ref().map(|r| r.file);
         let now = SystemTime::from(self.clock.now());
 
-        let path = self.dists("InRelease");
+        let path = self.dists(ReleaseFile::InRelease.name());
         let url = self.source.url(&path);
         let accepted_url = state.release.as_ref().map(|r| r.url.as_str());
-        let inrelease_etag = etag
-            .filter(|_| accepted_file == Some("InRelease") && accepted_url == Some(url.as_str()));
+        let inrelease_etag = etag.filter(|_| {
+            accepted_file == Some(ReleaseFile::InRelease) && accepted_url == Some(url.as_str())
+        });
         match self.source.get(&path, inrelease_etag).await {
             Ok(Fetched::NotModified) => return Ok(None),
             Ok(Fetched::Object(object)) => {
                 let bytes = source::read_capped(&url, object.body, limit).await?;
                 let verified = self.keyring.verify_cleartext(&url, &bytes, now)?;
                 return Ok(Some(SignedRelease {
-                    file: "InRelease",
+                    file: ReleaseFile::InRelease,
                     url,
                     etag: object.etag,
                     verified,
@@ -155,10 +156,11 @@ impl Agent {
             Err(e) => return Err(e.into()),
         }
 
-        let path = self.dists("Release");
+        let path = self.dists(ReleaseFile::Release.name());
         let url = self.source.url(&path);
-        let release_etag =
-            etag.filter(|_| accepted_file == Some("Release") && accepted_url == Some(url.as_str()));
+        let release_etag = etag.filter(|_| {
+            accepted_file == Some(ReleaseFile::Release) && accepted_url == Some(url.as_str())
+        });
         let fetched = match self.source.get(&path, release_etag).await {
             Err(e) if e.is_not_found() => {
                 return Err(SourceError::NotFound {
@@ -191,7 +193,7 @@ impl Agent {
             .keyring
             .verify_detached(&url, &release_bytes, &signature, now)?;
         Ok(Some(SignedRelease {
-            file: "Release",
+            file: ReleaseFile::Release,
             url,
             etag: release_etag,
             verified,
@@ -227,7 +229,7 @@ impl Agent {
         release
             .check_freshness(&rules)
             .map_err(|stale| stale_error(stale, url, release.date, &rules))?;
-        info!(file = signed.file, signer = %signed.verified.signer, date = %release.date, "Release verified");
+        info!(file = %signed.file, signer = %signed.verified.signer, date = %release.date, "Release verified");
         Ok(release)
     }
 

@@ -27,7 +27,8 @@ use crate::keyring::Keyring;
 use crate::repo::release::{self};
 use crate::source::{self, Source};
 use crate::state::{
-    AcceptedRelease, Event, FileStamp, InstalledPackage, LOCK_WAIT, Poll, State, StateLock,
+    AcceptedRelease, Event, FileStamp, InstalledPackage, LOCK_WAIT, Poll, PollOutcome, State,
+    StateLock,
 };
 
 mod fetch;
@@ -75,8 +76,28 @@ pub enum Outcome {
     Unchanged,
     /// A new Release was verified; every package is at its wanted version.
     UpToDate,
-    /// These packages were installed: (name, from, to).
-    Installed(Vec<(String, Option<String>, String)>),
+    /// These packages were installed, found healthy and committed.
+    Installed(Vec<Change>),
+}
+
+/// One package moved from one version to another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub package: String,
+    /// The version before, if there was one.
+    pub from: Option<String>,
+    pub to: String,
+}
+
+impl Outcome {
+    /// How state.json records it.
+    fn as_poll(&self) -> PollOutcome {
+        match self {
+            Outcome::Unchanged => PollOutcome::Unchanged,
+            Outcome::UpToDate => PollOutcome::UpToDate,
+            Outcome::Installed(_) => PollOutcome::Installed(self.to_string()),
+        }
+    }
 }
 
 impl std::fmt::Display for Outcome {
@@ -88,7 +109,7 @@ impl std::fmt::Display for Outcome {
                 f.write_str("installed ")?;
                 let items: Vec<String> = list
                     .iter()
-                    .map(|(name, _, to)| format!("{name} {to}"))
+                    .map(|c| format!("{} {}", c.package, c.to))
                     .collect();
                 f.write_str(&items.join(", "))
             }
@@ -305,7 +326,7 @@ impl Agent {
             Ok(outcome) => {
                 let quiet = matches!(outcome, Outcome::Unchanged)
                     && state.last_poll.as_ref().is_some_and(|p| {
-                        p.outcome == Outcome::Unchanged.to_string()
+                        p.outcome == PollOutcome::Unchanged
                             && now.signed_duration_since(p.at) < UNCHANGED_POLL_PERSIST
                     });
                 if quiet {
@@ -313,7 +334,7 @@ impl Agent {
                 }
                 state.last_poll = Some(Poll {
                     at: now,
-                    outcome: outcome.to_string(),
+                    outcome: outcome.as_poll(),
                 })
             }
             Err(e) => {
@@ -415,7 +436,7 @@ impl Agent {
                 date: release.date,
                 valid_until: release.valid_until,
                 etag: signed.etag,
-                file: signed.file.to_string(),
+                file: signed.file,
                 url: signed.url.clone(),
                 packages: self.package_specs(),
                 signer: signed.verified.signer,

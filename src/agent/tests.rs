@@ -14,7 +14,7 @@ use sequoia_openpgp::serialize::SerializeInto;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
-use super::{Agent, CACHE_SUBDIR, Outcome, Plan, PlannedInstall};
+use super::{Agent, CACHE_SUBDIR, Change, Outcome, Plan, PlannedInstall};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{Error, InstallError, SourceError};
@@ -290,7 +290,7 @@ fn accepted() -> AcceptedRelease {
         date: noon(),
         valid_until: None,
         etag: Some("\"new\"".into()),
-        file: "InRelease".into(),
+        file: crate::state::ReleaseFile::InRelease,
         url: "fake://dists/production/InRelease".into(),
         packages: vec!["myapp".into()],
         signer: "FPR".into(),
@@ -313,7 +313,11 @@ fn commit_records_the_new_version_and_keeps_the_old_as_last_known_good() {
     let outcome = runtime().block_on(n.agent.apply(plan, &mut state));
     assert_eq!(
         outcome.expect("installed"),
-        Outcome::Installed(vec![("myapp".into(), Some("1.0".into()), "1.1".into())])
+        Outcome::Installed(vec![Change {
+            package: "myapp".into(),
+            from: Some("1.0".into()),
+            to: "1.1".into()
+        }])
     );
     assert_eq!(n.installed().as_deref(), Some("1.1"));
     let on_disk = State::load(&n.state_path()).expect("state");
@@ -465,7 +469,11 @@ fn an_interrupted_install_is_finished_by_the_next_cycle_without_the_repository()
         .expect("not cancelled");
     assert_eq!(
         outcome.expect("resumed"),
-        Outcome::Installed(vec![("myapp".into(), Some("1.0".into()), "1.1".into())])
+        Outcome::Installed(vec![Change {
+            package: "myapp".into(),
+            from: Some("1.0".into()),
+            to: "1.1".into()
+        }])
     );
     assert_eq!(n.installed().as_deref(), Some("1.1"));
     assert_eq!(state.pending, None);

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use tracing::{info, warn};
 
 use super::fetch::file_sha256;
-use super::{Agent, Outcome, Plan, committed_versions};
+use super::{Agent, Change, Outcome, Plan, committed_versions};
 use crate::error::{Error, InstallError, StateError, VerifyError};
 use crate::repo::packages::same_version;
 use crate::state::{InstalledPackage, Pending, PendingPackage, State};
@@ -252,11 +252,11 @@ impl Agent {
             }
             next.installed
                 .insert(package.name.clone(), package.to.clone());
-            installed.push((
-                package.name.clone(),
-                package.from.as_ref().map(|f| f.version.clone()),
-                package.to.version.clone(),
-            ));
+            installed.push(Change {
+                package: package.name.clone(),
+                from: package.from.as_ref().map(|f| f.version.clone()),
+                to: package.to.version.clone(),
+            });
             next.push_event(
                 self.clock.now(),
                 format!(
