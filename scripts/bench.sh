@@ -292,7 +292,7 @@ pd() {
     PULLDEPLOY_LOG="$level" "$bin" "$@"
 }
 
-mkapt() {  # NAME -> apt node dir with its own root at NODE/root (as AptSandbox in tests/common/mod.rs)
+mkapt() {  # NAME -> apt node dir with its own root at NODE/root (as AptSandbox in tests/common/apt.rs)
   local n="$tmp/apt/$1" arch
   mkdir -p "$n/etc/apt.conf.d" "$n/empty" "$n/state/lists/partial" "$n/cache/archives/partial" "$n/log"
   mkroot "$n/root"

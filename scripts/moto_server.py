@@ -1,4 +1,4 @@
-# pulldeploy test harness: moto_server with a faithful IMDSv2 (see tests/common/mod.rs, struct Moto).
+# pulldeploy test harness: moto_server with a faithful IMDSv2 (see tests/common/moto.rs, struct Moto).
 import secrets
 import sys
 from urllib.parse import urlparse

@@ -20,7 +20,8 @@ pub mod exit {
     pub const SOFTWARE: u8 = 70;
     /// EX_IOERR: a local file (state, cache) could not be read or written.
     pub const IOERR: u8 = 74;
-    /// EX_TEMPFAIL: deferred (another package manager holds the lock).
+    /// EX_TEMPFAIL: deferred (another package manager holds dpkg's lock, or
+    /// another `run`/`once` holds the state directory): try again later.
     pub const TEMPFAIL: u8 = 75;
 }
 

@@ -303,11 +303,11 @@ impl Dpkg {
         Ok(self.status()?.half_way)
     }
 
-    /// Completes an interrupted dpkg run: `dpkg --configure -a`.
+    /// Completes an interrupted dpkg run: `dpkg --configure --pending`.
     pub async fn recover(&self) -> Result<(), InstallError> {
         let mut command = self.dpkg();
         command.args(["--configure", "--pending"]);
-        self.run(command, "--configure -a (recovery)".into()).await
+        self.run(command, "--configure --pending (recovery)".into()).await
     }
 
     /// Waits up to `timeout` for dpkg's locks, as apt does, so that another

@@ -84,7 +84,7 @@ impl Agent {
             });
         };
         if self.installer.needs_recovery()? {
-            warn!("dpkg was interrupted; running dpkg --configure -a first");
+            warn!("dpkg was interrupted; running dpkg --configure --pending first");
             self.installer.recover().await?;
         }
 
