@@ -6,15 +6,23 @@
 //! validate. The file is read key by key with [`Section`], so one problem
 //! does not hide the next; only a file that is not TOML at all stops at its
 //! first error ([`ConfigError::Syntax`]).
+//!
+//! Each table has a `*Settings` type (`[agent]` is [`AgentSettings`]), so
+//! it is not mistaken for the module it configures (`agent::Agent`).
+//! [`read`] walks the file; `tests` holds the unit tests.
 
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use toml::{Table, Value};
+use toml::Table;
 
 use crate::error::ConfigError;
 use crate::repo::names::{self, Architecture, Suite};
+
+mod read;
+
+use read::{Problems, Section};
 
 /// Default cap on InRelease/Release: apt's own InRelease files are a few
 /// hundred KiB even for Debian main; 16 MiB leaves room for thousands of
@@ -29,14 +37,16 @@ pub const DEFAULT_MAX_INDEX_BYTES: u64 = 512 << 20;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: PathBuf,
-    pub repository: Repository,
-    pub agent: Agent,
-    pub install: Install,
-    pub health: Health,
+    pub repository: RepositorySettings,
+    pub agent: AgentSettings,
+    pub install: InstallSettings,
+    pub health: HealthSettings,
 }
 
+/// `[repository]`: where the repository is, which suite of it, and the
+/// key and limits its Release is checked with.
 #[derive(Debug, Clone)]
-pub struct Repository {
+pub struct RepositorySettings {
     pub url: RepoUrl,
     pub endpoint: Option<String>,
     pub region: Option<String>,
@@ -106,8 +116,10 @@ fn valid_bucket(name: &str) -> bool {
         && !name.ends_with(['.', '-'])
 }
 
+/// `[agent]`: the packages followed, how often, and the agent's own
+/// directories.
 #[derive(Debug, Clone)]
-pub struct Agent {
+pub struct AgentSettings {
     pub packages: Vec<PackageSpec>,
     pub interval: Duration,
     pub jitter: Duration,
@@ -121,16 +133,19 @@ pub struct Agent {
 /// One entry of `agent.packages`: `name` or `name=version` (a pin).
 pub use crate::repo::names::PackageSpec;
 
+/// `[install]`: where dpkg installs, and how long it waits for dpkg's lock.
 #[derive(Debug, Clone)]
-pub struct Install {
+pub struct InstallSettings {
     pub root: PathBuf,
     /// How long to wait for another package manager's dpkg lock before the
     /// cycle is deferred.
     pub lock_timeout: Duration,
 }
 
+/// `[health]`: the `/healthz` listener and the app probe that decides
+/// whether a new version stays.
 #[derive(Debug, Clone)]
-pub struct Health {
+pub struct HealthSettings {
     pub listen: SocketAddr,
     pub check_url: Option<String>,
     /// Consecutive 2xx answers of `check_url` that make a new version healthy.
@@ -163,170 +178,6 @@ const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_DRAIN: Duration = Duration::ZERO;
 
-// ---- reading the file key by key ------------------------------------------
-
-/// Collects problems as `key: message` so all are reported at once.
-#[derive(Default)]
-struct Problems(Vec<String>);
-
-/// One table of the file. Each `take_*` removes its key and checks its TOML
-/// type; a problem is recorded under the key's full name (`agent.interval`)
-/// and reading goes on. [`Section::finish`] reports the keys nobody took.
-struct Section<'p> {
-    /// `None` for the top level of the file.
-    name: Option<&'static str>,
-    table: Table,
-    problems: &'p mut Problems,
-}
-
-impl<'p> Section<'p> {
-    fn new(name: Option<&'static str>, table: Table, problems: &'p mut Problems) -> Self {
-        Section {
-            name,
-            table,
-            problems,
-        }
-    }
-
-    fn problem(&mut self, key: &str, message: impl std::fmt::Display) {
-        let problem = match self.name {
-            Some(section) => format!("{section}.{key}: {message}"),
-            None => format!("{key}: {message}"),
-        };
-        self.problems.0.push(problem);
-    }
-
-    /// `result`'s value, or `None` with its error recorded under `key`.
-    fn check<T>(&mut self, key: &str, result: Result<T, String>) -> Option<T> {
-        result.map_err(|message| self.problem(key, message)).ok()
-    }
-
-    /// Removes `key` and converts its value; a value of another type is
-    /// recorded as "expected `expected`, found ...".
-    fn take<T>(
-        &mut self,
-        key: &str,
-        expected: &str,
-        convert: impl FnOnce(Value) -> Result<T, Value>,
-    ) -> Option<T> {
-        let value = self.table.remove(key)?;
-        match convert(value) {
-            Ok(value) => Some(value),
-            Err(other) => {
-                self.problem(
-                    key,
-                    format!("expected {expected}, found {}", describe(&other)),
-                );
-                None
-            }
-        }
-    }
-
-    /// Reads `key` with `read`; its absence is a problem too.
-    fn need<T>(&mut self, key: &str, read: impl FnOnce(&mut Self, &str) -> Option<T>) -> Option<T> {
-        if self.table.contains_key(key) {
-            read(self, key)
-        } else {
-            self.problem(key, "missing (required)");
-            None
-        }
-    }
-
-    fn take_str(&mut self, key: &str) -> Option<String> {
-        self.take(key, "a string", string)
-    }
-
-    fn take_path(&mut self, key: &str) -> Option<PathBuf> {
-        let text = self.take(key, "a path (a string)", string)?;
-        if text.is_empty() {
-            self.problem(key, "expected a path, found an empty string");
-            return None;
-        }
-        Some(PathBuf::from(text))
-    }
-
-    fn take_duration(&mut self, key: &str) -> Option<Duration> {
-        let text = self.take(key, "a string like \"60s\"", string)?;
-        let parsed = humantime::parse_duration(&text)
-            .map_err(|e| format!("{text:?} is not a duration like \"60s\" or \"5m\": {e}"));
-        self.check(key, parsed)
-    }
-
-    fn take_u64(&mut self, key: &str) -> Option<u64> {
-        self.take(key, "a whole number (0 or more)", |value| match value {
-            Value::Integer(n) => u64::try_from(n).map_err(|_| value),
-            other => Err(other),
-        })
-    }
-
-    /// A list of strings. An element of another type is recorded under
-    /// `key[i]` and comes back as `None`, so the others keep their index.
-    fn take_str_list(&mut self, key: &str) -> Option<Vec<Option<String>>> {
-        let items = self.take(
-            key,
-            "a list of strings like [\"myapp\"]",
-            |value| match value {
-                Value::Array(items) => Ok(items),
-                other => Err(other),
-            },
-        )?;
-        let list = items
-            .into_iter()
-            .enumerate()
-            .map(|(i, item)| match string(item) {
-                Ok(text) => Some(text),
-                Err(other) => {
-                    let found = describe(&other);
-                    self.problem(
-                        &format!("{key}[{i}]"),
-                        format!("expected a string, found {found}"),
-                    );
-                    None
-                }
-            })
-            .collect();
-        Some(list)
-    }
-
-    /// A `[table]` of the top level.
-    fn take_table(&mut self, key: &str) -> Option<Table> {
-        self.take(key, "a table", |value| match value {
-            Value::Table(table) => Ok(table),
-            other => Err(other),
-        })
-    }
-
-    /// Reports every key and table that no reader took.
-    fn finish(mut self) {
-        for (key, value) in std::mem::take(&mut self.table) {
-            match value {
-                Value::Table(_) => self.problem(&key, "unknown table"),
-                _ => self.problem(&key, "unknown key"),
-            }
-        }
-    }
-}
-
-fn string(value: Value) -> Result<String, Value> {
-    match value {
-        Value::String(text) => Ok(text),
-        other => Err(other),
-    }
-}
-
-/// A value as a problem names it: its TOML type, and the value if scalar.
-fn describe(value: &Value) -> String {
-    match value {
-        Value::String(text) => format!("string {text:?}"),
-        Value::Integer(n) => format!("integer {n}"),
-        Value::Float(x) => format!("float {x}"),
-        Value::Boolean(b) => format!("boolean {b}"),
-        Value::Datetime(d) => format!("datetime {d}"),
-        Value::Array(_) => "an array".into(),
-        Value::Table(_) => "a table".into(),
-    }
-}
-
 fn http_url(text: &str) -> Result<String, String> {
     let rest = text
         .strip_prefix("http://")
@@ -351,7 +202,7 @@ fn resolve(base: &Path, path: PathBuf) -> PathBuf {
 
 /// `[repository]`, and its keyring apart: the agent's directories are
 /// checked against the keyring even when another key here is wrong.
-fn read_repository(mut s: Section, base: &Path) -> (Option<Repository>, Option<PathBuf>) {
+fn read_repository(mut s: Section, base: &Path) -> (Option<RepositorySettings>, Option<PathBuf>) {
     let url = s
         .need("url", Section::take_str)
         .and_then(|url| s.check("url", RepoUrl::parse(&url)));
@@ -391,7 +242,7 @@ fn read_repository(mut s: Section, base: &Path) -> (Option<Repository>, Option<P
     s.finish();
 
     let repository = match (url, suite, &keyring) {
-        (Some(url), Some(suite), Some(keyring)) => Some(Repository {
+        (Some(url), Some(suite), Some(keyring)) => Some(RepositorySettings {
             url,
             endpoint,
             region,
@@ -411,7 +262,7 @@ fn read_repository(mut s: Section, base: &Path) -> (Option<Repository>, Option<P
 
 /// `[agent]`. Its directories must not hold any of the `protected` files
 /// (what, path): see [`own_dir`].
-fn read_agent(mut s: Section, base: &Path, protected: &[(&str, &Path)]) -> Option<Agent> {
+fn read_agent(mut s: Section, base: &Path, protected: &[(&str, &Path)]) -> Option<AgentSettings> {
     let packages = s
         .need("packages", Section::take_str_list)
         .map(|list| package_specs(&mut s, &list));
@@ -435,7 +286,7 @@ fn read_agent(mut s: Section, base: &Path, protected: &[(&str, &Path)]) -> Optio
     let state_dir = own_dir(&mut s, "state_dir", DEFAULT_STATE_DIR, base, protected);
     let cache_dir = own_dir(&mut s, "cache_dir", DEFAULT_CACHE_DIR, base, protected);
     s.finish();
-    Some(Agent {
+    Some(AgentSettings {
         packages: packages?,
         interval,
         jitter,
@@ -551,19 +402,19 @@ fn real_path(path: &Path) -> PathBuf {
     real
 }
 
-fn read_install(mut s: Section, base: &Path) -> Install {
+fn read_install(mut s: Section, base: &Path) -> InstallSettings {
     let root = s.take_path("root").unwrap_or_else(|| DEFAULT_ROOT.into());
     let lock_timeout = s
         .take_duration("lock_timeout")
         .unwrap_or(DEFAULT_LOCK_TIMEOUT);
     s.finish();
-    Install {
+    InstallSettings {
         root: resolve(base, root),
         lock_timeout,
     }
 }
 
-fn read_health(mut s: Section) -> Option<Health> {
+fn read_health(mut s: Section) -> Option<HealthSettings> {
     let listen = s
         .take_str("listen")
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
@@ -601,7 +452,7 @@ fn read_health(mut s: Section) -> Option<Health> {
     }
     let drain = s.take_duration("drain").unwrap_or(DEFAULT_DRAIN);
     s.finish();
-    Some(Health {
+    Some(HealthSettings {
         listen: listen?,
         check_url,
         healthy_after,
@@ -706,370 +557,4 @@ impl Config {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINIMAL: &str = r#"
-[repository]
-url = "s3://acme-apt/repo"
-suite = "production"
-keyring = "keyring.asc"
-[agent]
-packages = ["myapp"]
-"#;
-
-    fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::from_toml(Path::new("/etc/pulldeploy/config.toml"), text)
-    }
-
-    fn problems(text: &str) -> Vec<String> {
-        match parse(text) {
-            Err(ConfigError::Invalid { problems, .. }) => problems,
-            other => panic!("expected Invalid, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn minimal_config_gets_documented_defaults() {
-        let config = parse(MINIMAL).unwrap();
-        assert_eq!(
-            config.repository.url,
-            RepoUrl::S3 {
-                bucket: "acme-apt".into(),
-                prefix: "repo".into()
-            }
-        );
-        assert_eq!(config.repository.component, "main");
-        assert_eq!(
-            config.repository.keyring,
-            Path::new("/etc/pulldeploy/keyring.asc")
-        );
-        assert_eq!(config.agent.interval, Duration::from_secs(60));
-        assert_eq!(config.agent.jitter, Duration::from_secs(10));
-        assert_eq!(config.agent.state_dir, Path::new("/var/lib/pulldeploy"));
-        assert_eq!(config.install.root, Path::new("/"));
-        assert_eq!(config.health.listen, "0.0.0.0:9100".parse().unwrap());
-        assert_eq!(config.repository.clock_skew, Duration::from_secs(300));
-        assert_eq!(config.repository.max_age, None);
-        assert_eq!(config.install.lock_timeout, Duration::from_secs(300));
-        assert_eq!(config.health.healthy_after, 3);
-        assert_eq!(config.health.health_timeout, Duration::from_secs(60));
-        assert_eq!(config.health.drain, Duration::ZERO);
-    }
-
-    /// The example of README.md's "Configuration", every key set.
-    #[test]
-    fn readme_example_is_accepted() {
-        let text = r#"
-[repository]
-url = "s3://acme-apt/repo"
-endpoint = "http://127.0.0.1:9000"
-region = "eu-west-1"
-suite = "production"
-component = "main"
-architecture = "amd64"
-keyring = "/etc/pulldeploy/keyring.asc"
-max_age = "7d"
-clock_skew = "5m"
-max_release_bytes = 16777216
-max_index_bytes = 536870912
-[agent]
-packages = ["myapp", "other=1.2-3"]
-interval = "60s"
-jitter = "10s"
-state_dir = "/var/lib/pulldeploy"
-cache_dir = "/var/cache/pulldeploy"
-cycle_timeout = "10m"
-[install]
-root = "/"
-lock_timeout = "5m"
-[health]
-listen = "0.0.0.0:9100"
-check_url = "http://127.0.0.1:8080/health"
-healthy_after = 3
-health_timeout = "60s"
-check_interval = "1s"
-drain = "0s"
-"#;
-        let config = parse(text).unwrap();
-        assert_eq!(
-            config.repository.endpoint.as_deref(),
-            Some("http://127.0.0.1:9000")
-        );
-        assert_eq!(
-            config.health.check_url.as_deref(),
-            Some("http://127.0.0.1:8080/health")
-        );
-        assert_eq!(
-            config.repository.max_age,
-            Some(Duration::from_secs(7 * 86400))
-        );
-        assert_eq!(config.agent.cycle_timeout, Duration::from_secs(600));
-        assert_eq!(config.agent.packages[1].pinned.as_deref(), Some("1.2-3"));
-    }
-
-    #[test]
-    fn unknown_key_is_an_error_naming_it() {
-        let text = MINIMAL.replace("[agent]", "[agent]\npackage = 1");
-        assert_eq!(problems(&text), ["agent.package: unknown key"]);
-    }
-
-    #[test]
-    fn every_problem_is_reported_with_its_key() {
-        let text = r#"
-[repository]
-url = "ftp://x"
-suite = "a/b"
-keyring = "k"
-architecture = "AMD64"
-[agent]
-packages = ["Bad_Name", "ok=1:", "ok2", "ok2"]
-interval = "soon"
-[health]
-listen = "nowhere"
-check_url = "localhost"
-"#;
-        let found = problems(text);
-        for key in [
-            "repository.url",
-            "repository.suite",
-            "repository.architecture",
-            "agent.packages[0]",
-            "agent.packages[1]",
-            "agent.packages[3]",
-            "agent.interval",
-            "health.listen",
-            "health.check_url",
-        ] {
-            assert!(
-                found.iter().any(|p| p.starts_with(&format!("{key}:"))),
-                "{key} missing from {found:#?}"
-            );
-        }
-    }
-
-    #[test]
-    fn mistyped_key_wrong_type_bad_suite_and_bad_duration_are_reported_together() {
-        let text = r#"
-[repository]
-url = "s3://acme-apt/repo"
-suite = "prod/../x"
-keyring = "keyring.asc"
-[agent]
-packages = "myapp"
-intervall = "60s"
-jitter = "soon"
-"#;
-        let found = problems(text);
-        for (key, says) in [
-            ("agent.intervall", "unknown key"),
-            ("agent.packages", "found string \"myapp\""),
-            ("repository.suite", "not a suite name"),
-            ("agent.jitter", "not a duration"),
-        ] {
-            assert!(
-                found
-                    .iter()
-                    .any(|p| p.starts_with(&format!("{key}:")) && p.contains(says)),
-                "{key} ({says}) missing from {found:#?}"
-            );
-        }
-        assert_eq!(found.len(), 4, "{found:#?}");
-    }
-
-    #[test]
-    fn type_errors_name_the_key_the_expected_and_the_found() {
-        let text = MINIMAL.replace("[agent]", "[agent]\ninterval = 60\nstate_dir = false")
-            + "[health]\nhealthy_after = \"3\"\n[repository.extra]\n[helth]\n";
-        let found = problems(&text);
-        for expected in [
-            "agent.interval: expected a string like \"60s\", found integer 60",
-            "agent.state_dir: expected a path (a string), found boolean false",
-            "health.healthy_after: expected a whole number (0 or more), found string \"3\"",
-            "repository.extra: unknown table",
-            "helth: unknown table",
-        ] {
-            assert!(
-                found.iter().any(|p| p == expected),
-                "{expected:?} missing from {found:#?}"
-            );
-        }
-    }
-
-    #[test]
-    fn missing_required_keys_and_tables_are_named() {
-        let found = problems("[repository]\nurl = \"s3://acme-apt\"\n");
-        for key in ["repository.suite", "repository.keyring", "agent"] {
-            assert!(
-                found.iter().any(|p| p.starts_with(&format!("{key}:"))),
-                "{key} missing from {found:#?}"
-            );
-        }
-    }
-
-    #[test]
-    fn list_elements_and_numbers_are_checked_one_by_one() {
-        let text = MINIMAL.replace("packages = [\"myapp\"]", "packages = [\"myapp\", 7]")
-            + "[health]\nhealthy_after = -1\n";
-        let found = problems(&text);
-        assert!(
-            found
-                .iter()
-                .any(|p| p == "agent.packages[1]: expected a string, found integer 7"),
-            "{found:#?}"
-        );
-        assert!(
-            found
-                .iter()
-                .any(|p| p.starts_with("health.healthy_after:") && p.contains("-1")),
-            "{found:#?}"
-        );
-    }
-
-    /// Parses `MINIMAL` with `agent_lines` added to [agent], from a config
-    /// at `config`.
-    fn agent_problems(config: &Path, agent_lines: &str) -> Vec<String> {
-        let text = MINIMAL.replace("[agent]", &format!("[agent]\n{agent_lines}"));
-        match Config::from_toml(config, &text) {
-            Err(ConfigError::Invalid { problems, .. }) => problems,
-            Ok(_) => Vec::new(),
-            Err(other) => panic!("expected Invalid, got {other:?}"),
-        }
-    }
-
-    fn refused(found: &[String], key: &str) -> bool {
-        found.iter().any(|p| p.starts_with(&format!("{key}:")))
-    }
-
-    #[test]
-    fn root_as_state_or_cache_dir_is_refused() {
-        let config = Path::new("/etc/pulldeploy/config.toml");
-        for key in ["state_dir", "cache_dir"] {
-            for dir in ["/", "/var/..", "/./"] {
-                let found = agent_problems(config, &format!("{key} = {dir:?}"));
-                assert!(
-                    refused(&found, &format!("agent.{key}")),
-                    "{dir}: {found:#?}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn a_dir_holding_the_config_is_refused() {
-        let config = Path::new("/etc/pulldeploy/config.toml");
-        for key in ["state_dir", "cache_dir"] {
-            for dir in [
-                ".",
-                "..",
-                "/etc",
-                "/etc/pulldeploy/",
-                "sub/..",
-                "/etc/x/../pulldeploy",
-            ] {
-                let found = agent_problems(config, &format!("{key} = {dir:?}"));
-                assert!(
-                    refused(&found, &format!("agent.{key}")),
-                    "{dir}: {found:#?}"
-                );
-                assert!(
-                    found
-                        .iter()
-                        .any(|p| p.contains("/etc/pulldeploy/config.toml")),
-                    "the config is not named: {found:#?}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn a_dir_holding_the_keyring_is_refused() {
-        let config = Path::new("/etc/pulldeploy/config.toml");
-        let text = MINIMAL.replace("keyring.asc", "/srv/keys/keyring.asc");
-        for key in ["state_dir", "cache_dir"] {
-            for dir in ["/srv", "/srv/keys", "/srv/keys/."] {
-                let text = text.replace("[agent]", &format!("[agent]\n{key} = {dir:?}"));
-                let found = match Config::from_toml(config, &text) {
-                    Err(ConfigError::Invalid { problems, .. }) => problems,
-                    other => panic!("{key} = {dir}: expected Invalid, got {other:?}"),
-                };
-                assert!(refused(&found, &format!("agent.{key}")), "{found:#?}");
-                assert!(
-                    found.iter().any(|p| p.contains("/srv/keys/keyring.asc")),
-                    "the keyring is not named: {found:#?}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn a_symlink_to_the_config_dir_is_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let etc = dir.path().join("etc");
-        std::fs::create_dir(&etc).expect("mkdir");
-        let link = dir.path().join("cache-link");
-        std::os::unix::fs::symlink(&etc, &link).expect("symlink");
-        let found = agent_problems(
-            &etc.join("config.toml"),
-            &format!("cache_dir = {link:?}\nstate_dir = \"state\""),
-        );
-        assert!(refused(&found, "agent.cache_dir"), "{found:#?}");
-        assert!(!refused(&found, "agent.state_dir"), "{found:#?}");
-    }
-
-    #[test]
-    fn own_dirs_beside_the_config_are_accepted_even_when_equal() {
-        let config = Path::new("/etc/pulldeploy/config.toml");
-        for lines in [
-            "state_dir = \"state\"\ncache_dir = \"cache\"",
-            "state_dir = \"/var/lib/pd\"\ncache_dir = \"/var/lib/pd\"",
-            "state_dir = \"agent\"\ncache_dir = \"agent/.\"",
-        ] {
-            assert_eq!(
-                agent_problems(config, lines),
-                Vec::<String>::new(),
-                "{lines}"
-            );
-        }
-    }
-
-    #[test]
-    fn repo_urls() {
-        assert_eq!(
-            RepoUrl::parse("s3://bucket").unwrap(),
-            RepoUrl::S3 {
-                bucket: "bucket".into(),
-                prefix: "".into()
-            }
-        );
-        assert_eq!(
-            RepoUrl::parse("s3://bucket/a/b/").unwrap(),
-            RepoUrl::S3 {
-                bucket: "bucket".into(),
-                prefix: "a/b".into()
-            }
-        );
-        assert_eq!(
-            RepoUrl::parse("file:///srv/apt").unwrap(),
-            RepoUrl::File("/srv/apt".into())
-        );
-        assert!(RepoUrl::parse("file://relative").is_err());
-        assert!(RepoUrl::parse("s3://Bad_Bucket").is_err());
-        assert!(RepoUrl::parse("s3://bucket/../x").is_err());
-        assert!(RepoUrl::parse("http://x").is_err());
-    }
-
-    #[test]
-    fn package_specs() {
-        assert_eq!(
-            PackageSpec::parse("myapp=1.2-3").unwrap(),
-            PackageSpec {
-                name: "myapp".into(),
-                pinned: Some("1.2-3".into())
-            }
-        );
-        assert!(PackageSpec::parse("a").is_err());
-        assert!(PackageSpec::parse("../x").is_err());
-        assert!(PackageSpec::parse("myapp=").is_err());
-    }
-}
+mod tests;
