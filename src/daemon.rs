@@ -27,17 +27,10 @@ use crate::state::State;
 /// How long the health server may take to finish after shutdown.
 const DRAIN: Duration = Duration::from_secs(5);
 
-/// Runs until `shutdown` completes.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    // No reloads: the sender lives as long as the daemon, and never sends.
-    let (_never, reloads) = mpsc::channel(1);
-    run_with_reload(config, shutdown, reloads).await
-}
-
 /// Runs until `shutdown` completes; each message on `reloads` (SIGHUP)
 /// reads the config file again and, if it is valid, uses it from the next
 /// cycle on. The health server keeps listening throughout.
-pub async fn run_with_reload(
+pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
     reloads: mpsc::Receiver<()>,

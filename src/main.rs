@@ -44,7 +44,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Run(_) => runtime()?.block_on(async {
             tracing::info!(version = env!("CARGO_PKG_VERSION"), repository = %config.repository.url, suite = %config.repository.suite, packages = config.agent.packages.len(), "pulldeploy starting");
             let (shutdown, reloads) = (daemon::shutdown_signal()?, daemon::reload_signal()?);
-            daemon::run_with_reload(config, shutdown, reloads).await
+            daemon::run(config, shutdown, reloads).await
         }),
         Command::Once(_) => runtime()?.block_on(commands::once(config)),
         Command::Status { json, .. } => commands::status(&config, json),
