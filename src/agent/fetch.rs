@@ -12,7 +12,7 @@ use tracing::{debug, info};
 use super::Agent;
 use crate::error::{Error, InstallError, SourceError, VerifyError};
 use crate::keyring::Verified;
-use crate::repo::digest::{Expected, StreamDigest};
+use crate::repo::digest::{Expected, HashingReader, StreamDigest};
 use crate::repo::packages::{self, Candidate, PackagesError, same_version};
 use crate::repo::release::{self, Compression, Freshness, IndexFile, Release, Stale};
 use crate::source::{self, Fetched};
@@ -427,19 +427,11 @@ async fn check_deb_identity(
 pub(super) async fn file_sha256(path: &Path) -> Result<String, String> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-        let mut digest = StreamDigest::new(u64::MAX);
-        let mut buffer = vec![0u8; 64 * 1024];
-        loop {
-            match file.read(&mut buffer) {
-                Ok(0) => return Ok(digest.finish().0),
-                // The limit is u64::MAX: update cannot overflow.
-                Ok(n) => digest
-                    .update(&buffer[..n])
-                    .map_err(|_| "too large".to_string())?,
-                Err(e) => return Err(e.to_string()),
-            }
-        }
+        let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+        HashingReader::new(file, StreamDigest::new(u64::MAX))
+            .copy_to(&mut std::io::sink())
+            .map(|digest| digest.finish().0)
+            .map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| e.to_string())?

@@ -9,7 +9,7 @@
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use sha2::{Digest, Sha256, Sha512};
+use crate::repo::digest::{HashingReader, StreamDigest};
 
 use super::index::{self, Stanza};
 
@@ -178,24 +178,10 @@ pub fn read(path: &Path) -> Result<DebInfo, DebError> {
 }
 
 fn hash(file: &mut std::fs::File) -> std::io::Result<(u64, String, String)> {
-    let mut sha256 = Sha256::new();
-    let mut sha512 = Sha512::new();
-    let mut size = 0u64;
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        let n = file.read(&mut chunk)?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        sha256.update(&chunk[..n]);
-        sha512.update(&chunk[..n]);
-    }
-    Ok((
-        size,
-        hex::encode(sha256.finalize()),
-        hex::encode(sha512.finalize()),
-    ))
+    let digest = HashingReader::new(file, StreamDigest::new(u64::MAX).with_sha512())
+        .copy_to(&mut std::io::sink())?;
+    let (sha256, sha512, size) = digest.finish_with_sha512();
+    Ok((size, sha256, sha512.unwrap_or_default()))
 }
 
 /// One ar member header (60 bytes): name, size, and where its data starts.

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
 use crate::error::PublishError;
-use crate::repo::digest::StreamDigest;
+use crate::repo::digest::{HashingReader, StreamDigest, StreamError};
 use crate::source::BoxFuture;
 
 /// A precondition on a write.
@@ -203,25 +203,14 @@ fn write_temp(target: &Path, body: TempBody) -> std::io::Result<(PathBuf, String
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
         .tempfile_in(dir)?;
-    let mut hasher = Sha256::new();
-    match body {
-        TempBody::Bytes(bytes) => {
-            hasher.update(&bytes);
-            temp.write_all(&bytes)?;
-        }
+    let digest = StreamDigest::new(u64::MAX);
+    let digest = match body {
+        TempBody::Bytes(bytes) => HashingReader::new(&bytes[..], digest).copy_to(&mut temp)?,
         TempBody::File(path) => {
-            let mut input = std::fs::File::open(&path)?;
-            let mut chunk = vec![0u8; 64 * 1024];
-            loop {
-                let n = std::io::Read::read(&mut input, &mut chunk)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&chunk[..n]);
-                temp.write_all(&chunk[..n])?;
-            }
+            HashingReader::new(std::fs::File::open(&path)?, digest).copy_to(&mut temp)?
         }
-    }
+    };
+    temp.flush()?;
     temp.as_file().sync_all()?;
     // Readable by the agent and by apt's unprivileged _apt user.
     std::fs::set_permissions(
@@ -229,7 +218,7 @@ fn write_temp(target: &Path, body: TempBody) -> std::io::Result<(PathBuf, String
         std::os::unix::fs::PermissionsExt::from_mode(0o644),
     )?;
     let (_, path) = temp.keep().map_err(|e| e.error)?;
-    Ok((path, format!("\"{}\"", hex::encode(hasher.finalize()))))
+    Ok((path, format!("\"{}\"", digest.finish().0)))
 }
 
 enum TempBody {
@@ -281,20 +270,19 @@ impl Store for DirStore {
                 return Err(too_large());
             }
             let mut bytes = Vec::new();
-            std::io::Read::read_to_end(
-                &mut std::io::Read::take(&file, limit.saturating_add(1)),
-                &mut bytes,
-            )
-            .map_err(|e| io_read(&url, e))?;
-            if bytes.len() as u64 > limit {
-                return Err(too_large());
-            }
+            let (sha256, _) = HashingReader::new(&file, StreamDigest::new(limit))
+                .copy_to(&mut bytes)
+                .map_err(|error| match error {
+                    StreamError::Overflow(_) => too_large(),
+                    other => io_read(&url, other),
+                })?
+                .finish();
             let last_modified = meta
                 .modified()
                 .ok()
                 .map(|t| whole_seconds(DateTime::<Utc>::from(t)));
             Ok(Some(Stored {
-                etag: Some(content_etag(&bytes)),
+                etag: Some(format!("\"{sha256}\"")),
                 bytes,
                 last_modified,
             }))
@@ -308,21 +296,14 @@ impl Store for DirStore {
         let full = self.full(path);
         let url = self.url(path);
         Box::pin(blocking(url.clone(), move || {
-            let mut file = match std::fs::File::open(&full) {
+            let file = match std::fs::File::open(&full) {
                 Ok(file) => file,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(io_read(&url, e)),
             };
-            let mut digest = StreamDigest::new(u64::MAX);
-            let mut chunk = vec![0u8; 64 * 1024];
-            loop {
-                let n = std::io::Read::read(&mut file, &mut chunk).map_err(|e| io_read(&url, e))?;
-                if n == 0 {
-                    break;
-                }
-                // No limit was set, so this cannot overflow.
-                let _ = digest.update(&chunk[..n]);
-            }
+            let digest = HashingReader::new(file, StreamDigest::new(u64::MAX))
+                .copy_to(&mut std::io::sink())
+                .map_err(|e| io_read(&url, e))?;
             Ok(Some(digest.finish()))
         }))
     }
@@ -475,24 +456,12 @@ pub use s3::S3Store;
 
 #[cfg(feature = "s3")]
 mod s3 {
-    use std::time::Duration;
-
-    use aws_config::BehaviorVersion;
-    use aws_sdk_s3::config::Region;
-    use aws_sdk_s3::config::retry::RetryConfig;
     use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
     use aws_sdk_s3::primitives::ByteStream;
-    use tokio::io::AsyncReadExt;
 
     use super::*;
-
-    /// S3-compatible servers ignore the region, but SigV4 needs one.
-    const ENDPOINT_DEFAULT_REGION: &str = "us-east-1";
-    /// The SDK's standard retry strategy, 4 attempts, full-jitter backoff
-    /// of 0..250 ms, 0..500 ms, 0..1 s between them (throttling, 5xx,
-    /// connection failures). 412 and 409 are answers, never retried here:
-    /// the publish flow decides what a lost race means.
-    const S3_ATTEMPTS: u32 = 4;
+    use crate::source::HashingBody;
+    use crate::source::s3client::{Purpose, s3_client, upload_timeouts};
 
     /// A repository under `s3://bucket/prefix`, written with aws-sdk-s3.
     /// Credentials come from the SDK's default chain (environment, profile,
@@ -512,31 +481,13 @@ mod s3 {
             endpoint: Option<&str>,
             region: Option<&str>,
         ) -> Result<S3Store, PublishError> {
-            let mut loader = aws_config::defaults(BehaviorVersion::latest());
-            if let Some(region) = region {
-                loader = loader.region(Region::new(region.to_string()));
-            }
-            let shared = loader.load().await;
-            let region = match (shared.region(), endpoint) {
-                (Some(region), _) => region.clone(),
-                (None, Some(_)) => Region::new(ENDPOINT_DEFAULT_REGION),
-                (None, None) => return Err(PublishError::NoRegion),
-            };
-            let mut builder = aws_sdk_s3::config::Builder::from(&shared)
-                .region(region)
-                .retry_config(
-                    RetryConfig::standard()
-                        .with_max_attempts(S3_ATTEMPTS)
-                        .with_initial_backoff(Duration::from_millis(250))
-                        .with_max_backoff(Duration::from_secs(2)),
-                );
-            if let Some(endpoint) = endpoint {
-                builder = builder.endpoint_url(endpoint).force_path_style(true);
-            }
+            let client = s3_client(endpoint, region, Purpose::Publish)
+                .await
+                .map_err(|_| PublishError::NoRegion)?;
             Ok(S3Store {
                 bucket,
                 prefix,
-                client: aws_sdk_s3::Client::from_conf(builder.build()),
+                client,
             })
         }
 
@@ -646,16 +597,16 @@ mod s3 {
                     .last_modified()
                     .and_then(|t| DateTime::from_timestamp(t.secs(), 0));
                 let mut bytes = Vec::new();
-                output
-                    .body
-                    .into_async_read()
-                    .take(limit + 1)
-                    .read_to_end(&mut bytes)
+                let body = std::pin::pin!(output.body.into_async_read());
+                HashingBody::new(body, StreamDigest::new(limit))
+                    .copy_to(&mut bytes)
                     .await
-                    .map_err(|e| io_read(&url, e))?;
-                if bytes.len() as u64 > limit {
-                    return Err(io_read(&url, format!("larger than {limit} bytes")));
-                }
+                    .map_err(|error| match error {
+                        StreamError::Overflow(_) => {
+                            io_read(&url, format!("larger than {limit} bytes"))
+                        }
+                        other => io_read(&url, other),
+                    })?;
                 Ok(Some(Stored {
                     bytes,
                     etag,
@@ -673,17 +624,11 @@ mod s3 {
                 let Some(output) = self.get_object(path, &url).await? else {
                     return Ok(None);
                 };
-                let mut body = output.body.into_async_read();
-                let mut digest = StreamDigest::new(u64::MAX);
-                let mut chunk = vec![0u8; 64 * 1024];
-                loop {
-                    let n = body.read(&mut chunk).await.map_err(|e| io_read(&url, e))?;
-                    if n == 0 {
-                        break;
-                    }
-                    // No limit was set, so this cannot overflow.
-                    let _ = digest.update(&chunk[..n]);
-                }
+                let body = std::pin::pin!(output.body.into_async_read());
+                let digest = HashingBody::new(body, StreamDigest::new(u64::MAX))
+                    .copy_to(&mut tokio::io::sink())
+                    .await
+                    .map_err(|e| io_read(&url, e))?;
                 Ok(Some(digest.finish()))
             })
         }
@@ -721,6 +666,7 @@ mod s3 {
                         .await
                         .map_err(|e| io_write(&url, format!("reading {}: {e}", file.display())))?,
                 };
+                let size = stream.size_hint().1.unwrap_or(stream.size_hint().0);
                 let mut request = self
                     .client
                     .put_object()
@@ -734,7 +680,12 @@ mod s3 {
                     Condition::IfAbsent => request.if_none_match("*"),
                     Condition::IfMatch(etag) => request.if_match(etag),
                 };
-                match request.send().await {
+                let sent = request
+                    .customize()
+                    .config_override(upload_timeouts(size))
+                    .send()
+                    .await;
+                match sent {
                     Ok(output) => Ok(Written::Done {
                         etag: output.e_tag().map(str::to_string),
                     }),

@@ -8,16 +8,20 @@
 pub mod file;
 #[cfg(feature = "s3")]
 pub mod s3;
+#[cfg(feature = "s3")]
+pub mod s3client;
+#[cfg(feature = "s3")]
+mod s3creds;
 
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::config::{Config, RepoUrl};
 use crate::error::{Error, SourceError, VerifyError};
-use crate::repo::digest::{Expected, Mismatch, StreamDigest};
+use crate::repo::digest::{CHUNK, Expected, Mismatch, StreamDigest, StreamError};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub type Body = Pin<Box<dyn AsyncRead + Send>>;
@@ -74,33 +78,62 @@ pub async fn from_config(config: &Config) -> Result<Box<dyn Source>, Error> {
     })
 }
 
-const CHUNK: usize = 64 * 1024;
+/// An async reader whose every byte goes through a [`StreamDigest`]: the
+/// async counterpart of [`crate::repo::digest::HashingReader`], and the one
+/// loop every fetched body (agent and publisher) is read with.
+pub struct HashingBody<R> {
+    inner: R,
+    digest: StreamDigest,
+}
 
-/// One read from `body` into `chunk`; 0 at the end.
-async fn read_chunk(url: &str, body: &mut Body, chunk: &mut [u8]) -> Result<usize, SourceError> {
-    body.read(chunk).await.map_err(|source| SourceError::Read {
-        url: url.to_string(),
-        source,
-    })
+impl<R: AsyncRead + Unpin> HashingBody<R> {
+    pub fn new(inner: R, digest: StreamDigest) -> HashingBody<R> {
+        HashingBody { inner, digest }
+    }
+
+    /// Reads to the end, hashing each chunk and then writing it to `sink`
+    /// (`tokio::io::sink()` to only hash); the digest of everything read.
+    /// Stops at the first chunk past the digest's limit, before writing it.
+    pub async fn copy_to<W: AsyncWrite + Unpin>(
+        mut self,
+        sink: &mut W,
+    ) -> Result<StreamDigest, StreamError> {
+        let mut chunk = vec![0u8; CHUNK];
+        loop {
+            let n = match self.inner.read(&mut chunk).await {
+                Ok(0) => return Ok(self.digest),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(StreamError::Read(e)),
+            };
+            self.digest
+                .update(&chunk[..n])
+                .map_err(StreamError::Overflow)?;
+            sink.write_all(&chunk[..n])
+                .await
+                .map_err(StreamError::Write)?;
+        }
+    }
 }
 
 /// Reads a whole body into memory, refusing more than `limit` bytes.
-pub async fn read_capped(url: &str, mut body: Body, limit: u64) -> Result<Vec<u8>, SourceError> {
+pub async fn read_capped(url: &str, body: Body, limit: u64) -> Result<Vec<u8>, SourceError> {
     let mut data = Vec::new();
-    let mut chunk = vec![0u8; CHUNK];
-    loop {
-        let n = read_chunk(url, &mut body, &mut chunk).await?;
-        if n == 0 {
-            return Ok(data);
-        }
-        if (data.len() + n) as u64 > limit {
-            return Err(SourceError::TooLarge {
+    HashingBody::new(body, StreamDigest::new(limit))
+        .copy_to(&mut data)
+        .await
+        .map_err(|error| match error {
+            StreamError::Overflow(_) => SourceError::TooLarge {
                 url: url.to_string(),
                 limit,
-            });
-        }
-        data.extend_from_slice(&chunk[..n]);
-    }
+            },
+            // Writing to a Vec does not fail; either way, the body is lost.
+            StreamError::Read(source) | StreamError::Write(source) => SourceError::Read {
+                url: url.to_string(),
+                source,
+            },
+        })?;
+    Ok(data)
 }
 
 /// Streams `body` into `dest`, checking size and SHA256 against `expected`
@@ -147,7 +180,7 @@ impl Drop for RemoveOnDrop {
 
 async fn stream_to(
     url: &str,
-    mut body: Body,
+    body: Body,
     expected: &Expected,
     partial: &Path,
 ) -> Result<(), Error> {
@@ -160,21 +193,20 @@ async fn stream_to(
     let mut file = tokio::fs::File::create(partial)
         .await
         .map_err(write_error)?;
-    let mut digest = StreamDigest::new(expected.size);
-    let mut chunk = vec![0u8; CHUNK];
-    loop {
-        let n = read_chunk(url, &mut body, &mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        digest
-            .update(&chunk[..n])
-            .map_err(|_| VerifyError::TooLong {
+    let digest = HashingBody::new(body, StreamDigest::new(expected.size))
+        .copy_to(&mut file)
+        .await
+        .map_err(|error| match error {
+            StreamError::Overflow(_) => Error::Verify(VerifyError::TooLong {
                 url: url.to_string(),
                 expected: expected.size,
-            })?;
-        file.write_all(&chunk[..n]).await.map_err(write_error)?;
-    }
+            }),
+            StreamError::Read(source) => Error::Source(SourceError::Read {
+                url: url.to_string(),
+                source,
+            }),
+            StreamError::Write(source) => write_error(source),
+        })?;
     digest.verify(expected).map_err(|m| mismatch(url, m))?;
     // No fsync: a cached file is hashed again before any later use (reuse,
     // resume, rollback), so a torn write after a crash is caught there.
