@@ -164,19 +164,12 @@ async fn cycles(
                 .as_ref()
                 .map(|p| format!("{} {}", p.at.to_rfc3339(), p.outcome));
             s.last_error = result.as_ref().err().map(ToString::to_string);
-            let m = &mut s.metrics;
-            m.cycles_total += 1;
-            m.last_cycle_seconds = elapsed;
-            m.cycle_seconds_sum += elapsed;
-            match &result {
-                Ok(_) => m.last_success = Some(chrono::Utc::now()),
-                Err(_) => {
-                    m.errors_total += 1;
-                    m.last_error = Some(chrono::Utc::now());
-                }
-            }
-            m.release_valid_until = state.release.as_ref().and_then(|r| r.valid_until);
-            m.signing_key_expiry = key_expiry;
+        });
+        health.record_cycle(&crate::health::Cycle {
+            seconds: elapsed,
+            ok: result.is_ok(),
+            release_valid_until: state.release.as_ref().and_then(|r| r.valid_until),
+            signing_key_expiry: key_expiry,
         });
 
         let interval = agent.config().agent.interval;
