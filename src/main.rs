@@ -10,7 +10,18 @@ use pulldeploy::error::{Error, exit};
 use pulldeploy::{commands, daemon, publish};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Bad usage is EX_USAGE (64), as documented, not clap's own 2; --help
+    // and --version print to stdout and exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(match e.use_stderr() {
+                true => exit::USAGE,
+                false => exit::OK,
+            });
+        }
+    };
     pulldeploy::logging::init(cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::from(exit::OK),

@@ -195,3 +195,36 @@ fn cache_dir_holding_the_config_is_refused() {
     assert!(once.status.success(), "{}", describe_output(&once));
     assert_eq!(node.installed("myapp").as_deref(), Some("1.0"));
 }
+
+/// Bad usage on the command line is EX_USAGE (64), as for a bad config;
+/// `--help` is not an error.
+#[test]
+fn bad_usage_exits_64() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pulldeploy"))
+            .args(args)
+            .output()
+            .expect("run pulldeploy")
+    };
+    for args in [
+        &["once"][..],
+        &["no-such-command"],
+        &[
+            "publish",
+            "--repo",
+            "file:///tmp/none",
+            "--suite",
+            "bad/suite",
+            "--signing-key",
+            "/nonexistent",
+            "x.deb",
+        ],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).is_empty(), "{args:?} said nothing");
+    }
+    let help = run(&["--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("once"));
+}
