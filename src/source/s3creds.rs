@@ -103,16 +103,15 @@ impl CredentialCache {
         &mut self,
         base: &aws_sdk_s3::Config,
     ) -> Result<aws_sdk_s3::Client, String> {
-        let cache = self;
         let now = SystemTime::now();
-        if let Some(current) = &cache.current {
+        if let Some(current) = &self.current {
             let due = now >= current.refresh_at;
-            let backing_off = cache.retry_at.is_some_and(|at| now < at);
+            let backing_off = self.retry_at.is_some_and(|at| now < at);
             if !due || (backing_off && current.valid_at(now)) {
                 return Ok(current.client.clone());
             }
         }
-        match cache.sources.fetch().await {
+        match self.sources.fetch().await {
             Ok((credentials, source)) => {
                 let signing = Signing::new(base, credentials, SystemTime::now());
                 debug!(
@@ -121,13 +120,13 @@ impl CredentialCache {
                     "AWS credentials loaded"
                 );
                 let client = signing.client.clone();
-                cache.current = Some(signing);
-                cache.retry_at = None;
+                self.current = Some(signing);
+                self.retry_at = None;
                 Ok(client)
             }
             Err(reason) => {
                 let now = SystemTime::now();
-                match &cache.current {
+                match &self.current {
                     Some(current) if current.valid_at(now) => {
                         let expires = current.expires.map(rfc3339).unwrap_or_default();
                         warn!(
@@ -137,7 +136,7 @@ impl CredentialCache {
                             "cannot refresh AWS credentials; using the last credentials until they expire"
                         );
                         let client = current.client.clone();
-                        cache.retry_at = Some(now + RETRY_FAILED_REFRESH);
+                        self.retry_at = Some(now + RETRY_FAILED_REFRESH);
                         Ok(client)
                     }
                     Some(current) => Err(format!(
