@@ -27,15 +27,17 @@ use crate::state::{AcceptedRelease, FileStamp, InstalledPackage, State};
 /// A package manager in memory. A "deb" is a file whose text is
 /// `NAME VERSION`; installing one records that version, unless the
 /// version is in `failing` (a postinst that exits 1: dpkg leaves the
-/// package half-configured, so it is not installed either).
-#[derive(Default)]
+/// package half-configured, so it is not installed either). Clones share
+/// the database and the record of runs: the test keeps one, the agent owns
+/// another.
+#[derive(Default, Clone)]
 struct FakeInstaller {
-    installed: Mutex<BTreeMap<String, String>>,
+    installed: Arc<Mutex<BTreeMap<String, String>>>,
     failing: HashSet<String>,
     /// The lock is held by another package manager.
     locked_elsewhere: bool,
     /// What each install call was given, and what state.json said then.
-    runs: Mutex<Vec<(Vec<String>, Option<State>)>>,
+    runs: Arc<Mutex<Vec<(Vec<String>, Option<State>)>>>,
     state_path: PathBuf,
 }
 
@@ -139,30 +141,7 @@ fn noon() -> DateTime<Utc> {
 struct Node {
     dir: TempDir,
     agent: Agent,
-    installer: Arc<FakeInstaller>,
-}
-
-/// The test keeps a handle on the installer the agent owns.
-impl Installer for Arc<FakeInstaller> {
-    fn status(&self) -> Result<Arc<DpkgStatus>, InstallError> {
-        self.as_ref().status()
-    }
-    fn status_stamp(&self) -> Option<FileStamp> {
-        None
-    }
-    fn forget_status(&self) {}
-    fn needs_recovery(&self) -> Result<bool, InstallError> {
-        Ok(false)
-    }
-    fn lock(&self, timeout: Duration) -> BoxFuture<'_, Result<Option<InstallLock>, InstallError>> {
-        self.as_ref().lock(timeout)
-    }
-    fn recover(&self) -> BoxFuture<'_, Result<(), InstallError>> {
-        self.as_ref().recover()
-    }
-    fn install<'a>(&'a self, debs: &'a [PathBuf]) -> BoxFuture<'a, Result<(), InstallError>> {
-        self.as_ref().install(debs)
-    }
+    installer: FakeInstaller,
 }
 
 /// A node whose installer has `installed`, fails `failing` versions, and
@@ -187,18 +166,18 @@ fn node(installed: &[(&str, &str)], failing: &[&str], locked_elsewhere: bool) ->
     let config = Config::from_toml(&config_path, &text).expect("config");
     std::fs::create_dir_all(dir.path().join("state")).expect("state dir");
     std::fs::create_dir_all(dir.path().join("cache").join(CACHE_SUBDIR)).expect("cache dir");
-    let installer = Arc::new(FakeInstaller {
-        installed: Mutex::new(
+    let installer = FakeInstaller {
+        installed: Arc::new(Mutex::new(
             installed
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
-        ),
+        )),
         failing: failing.iter().map(|v| v.to_string()).collect(),
         locked_elsewhere,
-        runs: Mutex::default(),
+        runs: Arc::default(),
         state_path: config.state_path(),
-    });
+    };
     let health = Health::for_config(&config);
     let agent = Agent::from_parts(
         config,
