@@ -83,9 +83,10 @@ pub struct RepoArgs {
     /// OpenPGP secret key file (armored or binary, no passphrase) that signs the suite.
     #[arg(long)]
     pub signing_key: PathBuf,
-    /// Write Valid-Until = Date + this (e.g. 7d); agents refuse the suite after it.
+    /// Write Valid-Until = Date + this (e.g. 7d, at most 1000 years); agents refuse
+    /// the suite after it.
     /// Default: the period the suite already has (none for a new suite).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = valid_for)]
     pub valid_for: Option<std::time::Duration>,
     /// How long the suite's publish lock is held before others may break it.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
@@ -103,7 +104,7 @@ pub struct PublishArgs {
     #[arg(long, value_parser = suite)]
     pub suite: String,
     /// Keep at most N versions of each package (per architecture); default: all.
-    #[arg(long)]
+    #[arg(long, value_parser = keep)]
     pub keep: Option<usize>,
     /// An architecture the suite must have an index for (repeatable); needed
     /// when only Architecture: all packages are published.
@@ -125,7 +126,7 @@ pub struct PromoteArgs {
     #[arg(long, value_parser = suite)]
     pub to: String,
     /// Keep at most N versions of each package in the target suite; default: all.
-    #[arg(long)]
+    #[arg(long, value_parser = keep)]
     pub keep: Option<usize>,
     /// PACKAGE (its newest version) or PACKAGE=VERSION.
     #[arg(required = true, value_name = "PKG[=VER]", value_parser = package_spec)]
@@ -167,4 +168,135 @@ fn index_architecture(text: &str) -> Result<String, String> {
 fn package_spec(text: &str) -> Result<String, String> {
     PackageSpec::parse(text)?;
     Ok(text.to_string())
+}
+
+// ---- value parsers: ranges ------------------------------------------------
+
+/// `--keep N`: keeping no version at all would empty the suite.
+fn keep(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The longest `--valid-for`. Release dates have four-digit years, so
+/// Valid-Until must stay before the year 10000: agents, and so the
+/// publisher's own verify before flip, refuse a later one (all six
+/// attempts failed), and past about 262,000 years the date arithmetic
+/// overflowed (a panic, leaving the publish lock behind).
+const MAX_VALID_FOR: std::time::Duration =
+    std::time::Duration::from_secs(1000 * 365 * 24 * 60 * 60);
+
+/// `--valid-for`: a duration (humantime: `7d`, `12h`), at most 1000 years.
+fn valid_for(text: &str) -> Result<std::time::Duration, String> {
+    let period = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if period > MAX_VALID_FOR {
+        return Err("at most 1000 years (365000d)".into());
+    }
+    Ok(period)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        Cli::try_parse_from(["pulldeploy"].iter().chain(args)).map_err(|e| e.to_string())
+    }
+
+    const PUBLISH: &[&str] = &[
+        "publish",
+        "--repo",
+        "file:///srv/apt",
+        "--signing-key",
+        "k.asc",
+    ];
+
+    /// `publish` with `extra` options (and `--suite stable` unless they
+    /// name one) and one .deb.
+    fn publish_with(extra: &[&str]) -> Result<PublishArgs, String> {
+        let suite: &[&str] = if extra.contains(&"--suite") {
+            &[]
+        } else {
+            &["--suite", "stable"]
+        };
+        let args: Vec<&str> = PUBLISH
+            .iter()
+            .chain(suite)
+            .chain(extra)
+            .chain(&["a.deb"])
+            .copied()
+            .collect();
+        match parse(&args)?.command {
+            Command::Publish(args) => Ok(args),
+            other => Err(format!("not publish: {other:?}")),
+        }
+    }
+
+    fn promote_with(extra: &[&str]) -> Result<Cli, String> {
+        let base = [
+            "promote",
+            "--repo",
+            "file:///srv/apt",
+            "--signing-key",
+            "k.asc",
+        ];
+        let suites = ["--from", "a", "--to", "b"];
+        let args: Vec<&str> = base.iter().chain(&suites).chain(extra).copied().collect();
+        parse(&args)
+    }
+
+    #[test]
+    fn publish_keep_is_at_least_one() {
+        assert_eq!(publish_with(&["--keep", "1"]).map(|a| a.keep), Ok(Some(1)));
+        assert_eq!(publish_with(&[]).map(|a| a.keep), Ok(None));
+        for bad in ["0", "-1", "x"] {
+            let option = format!("--keep={bad}");
+            let error = publish_with(&[&option]).err().unwrap_or_default();
+            assert!(error.contains("--keep"), "{bad}: {error}");
+        }
+        let error = publish_with(&["--keep", "0"]).err().unwrap_or_default();
+        assert!(error.contains("must be at least 1"), "{error}");
+        let promote = promote_with(&["--keep", "0", "myapp"]);
+        assert!(
+            promote
+                .as_ref()
+                .is_err_and(|e| e.contains("must be at least 1")),
+            "{promote:?}"
+        );
+    }
+
+    #[test]
+    fn publish_valid_for_is_a_date_agents_read() {
+        assert_eq!(
+            publish_with(&["--valid-for", "7d"]).map(|a| a.repo.valid_for),
+            Ok(Some(std::time::Duration::from_secs(7 * 86400)))
+        );
+        assert!(publish_with(&["--valid-for", "365000d"]).is_ok());
+        for bad in ["365001d", "1000000years", "soon"] {
+            let error = publish_with(&["--valid-for", bad])
+                .err()
+                .unwrap_or_default();
+            assert!(error.contains("--valid-for"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn publish_names_are_checked_by_clap() {
+        for (option, bad) in [
+            ("--suite", "../x"),
+            ("--component", "a/b"),
+            ("--architecture", "all"),
+            ("--architecture", "AMD64"),
+        ] {
+            let error = publish_with(&[option, bad]).err().unwrap_or_default();
+            assert!(error.contains(option), "{option} {bad}: {error}");
+        }
+        let promote = promote_with(&["My_App=1"]);
+        assert!(promote.is_err(), "{promote:?}");
+    }
 }

@@ -67,19 +67,12 @@ use crate::error::{Error, PublishError};
 use crate::keyring::Keyring;
 use crate::source::Source;
 
+// The arguments arrive checked by clap (src/cli.rs): names, PKG[=VER],
+// --architecture, the range of --keep and --valid-for. Left here: what
+// takes two of them to tell.
+
 /// `pulldeploy publish`: adds `.deb`s to a suite and publishes it.
 pub async fn publish(args: PublishArgs) -> Result<(), Error> {
-    check_dist_name("--suite", &args.suite)?;
-    if args.keep == Some(0) {
-        return Err(usage("--keep must be at least 1"));
-    }
-    for arch in &args.architecture {
-        if !index::valid_architecture(arch) || arch == "all" {
-            return Err(usage(format!(
-                "--architecture {arch:?} is not a Debian architecture"
-            )));
-        }
-    }
     let mut debs = Vec::new();
     for path in &args.debs {
         debs.push((path.clone(), read_deb(path).await?));
@@ -98,27 +91,18 @@ pub async fn publish(args: PublishArgs) -> Result<(), Error> {
 /// `pulldeploy promote`: the exact .debs of `PKG[=VER]` in one suite
 /// added to another.
 pub async fn promote(args: PromoteArgs) -> Result<(), Error> {
-    check_dist_name("--from", &args.from)?;
-    check_dist_name("--to", &args.to)?;
+    // Each a valid name, checked by clap; that they differ it cannot tell.
     if args.from == args.to {
         return Err(usage("--from and --to name the same suite"));
     }
-    if args.keep == Some(0) {
-        return Err(usage("--keep must be at least 1"));
-    }
-    let mut wanted = Vec::new();
-    for spec in &args.packages {
-        let (name, version) = match spec.split_once('=') {
-            Some((name, version)) => (name, Some(version.to_string())),
-            None => (spec.as_str(), None),
-        };
-        if !index::valid_package_name(name)
-            || version.as_deref().is_some_and(|v| !index::valid_version(v))
-        {
-            return Err(usage(format!("{spec:?} is not PACKAGE or PACKAGE=VERSION")));
-        }
-        wanted.push((name.to_string(), version));
-    }
+    let wanted = args
+        .packages
+        .iter()
+        .map(|spec| match spec.split_once('=') {
+            Some((name, version)) => (name.to_string(), Some(version.to_string())),
+            None => (spec.clone(), None),
+        })
+        .collect();
     let publisher = Publisher::open(&args.repo).await?;
     let operation = Operation::Promote {
         from: args.from.clone(),
@@ -133,7 +117,6 @@ pub async fn promote(args: PromoteArgs) -> Result<(), Error> {
 /// `pulldeploy refresh`: the same content, signed again with a new Date
 /// (and Valid-Until).
 pub async fn refresh(args: RefreshArgs) -> Result<(), Error> {
-    check_dist_name("--suite", &args.suite)?;
     let publisher = Publisher::open(&args.repo).await?;
     let report = publisher.update(&args.suite, Operation::Refresh).await?;
     print_report(&report);
@@ -178,14 +161,6 @@ fn usage(message: impl Into<String>) -> Error {
     .into()
 }
 
-fn check_dist_name(option: &str, name: &str) -> Result<(), Error> {
-    if index::valid_dist_name(name) {
-        Ok(())
-    } else {
-        Err(usage(format!("{option} {name:?} is not a valid name")))
-    }
-}
-
 /// What one update does to a suite.
 enum Operation {
     Publish {
@@ -216,7 +191,8 @@ struct Publisher {
 
 impl Publisher {
     async fn open(args: &RepoArgs) -> Result<Publisher, Error> {
-        check_dist_name("--component", &args.component)?;
+        // --repo is file:// or s3:// by its value: clap cannot tell this
+        // conflict.
         if args.endpoint.is_some() && matches!(args.repo, RepoUrl::File(_)) {
             return Err(usage(
                 "--endpoint is only meaningful with an s3:// repository",
