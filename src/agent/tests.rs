@@ -24,6 +24,10 @@ use crate::keyring::Keyring;
 use crate::source::{BoxFuture, Fetched, Source};
 use crate::state::{AcceptedRelease, FileStamp, InstalledPackage, State};
 
+/// One install call: the debs given (as `NAME VERSION`), and state.json
+/// as it was while the installer ran.
+type Run = (Vec<String>, Option<State>);
+
 /// A package manager in memory. A "deb" is a file whose text is
 /// `NAME VERSION`; installing one records that version, unless the
 /// version is in `failing` (a postinst that exits 1: dpkg leaves the
@@ -37,7 +41,7 @@ struct FakeInstaller {
     /// The lock is held by another package manager.
     locked_elsewhere: bool,
     /// What each install call was given, and what state.json said then.
-    runs: Arc<Mutex<Vec<(Vec<String>, Option<State>)>>>,
+    runs: Arc<Mutex<Vec<Run>>>,
     state_path: PathBuf,
 }
 
