@@ -51,16 +51,16 @@ const EX_UNAVAILABLE: i32 = 69;
 
 /// Credentials IMDS serves in the daemon tests expire this soon. The agent
 /// refreshes credentials 5 minutes before they expire, but never sooner than
-/// 5 s after the last refresh (src/source/s3.rs, `REFRESH_BEFORE_EXPIRY`,
+/// 5 s after the last refresh (src/source/s3creds.rs, `REFRESH_BEFORE_EXPIRY`,
 /// `MIN_REFRESH_INTERVAL`): these are refreshed 5 s after they were
 /// fetched, while they are still valid for most of a minute.
 const NEAR_EXPIRY: Duration = Duration::from_secs(60);
 
 /// After a failed refresh the agent waits this long before asking IMDS
-/// again (src/source/s3.rs, `RETRY_FAILED_REFRESH`).
+/// again (src/source/s3creds.rs, `RETRY_FAILED_REFRESH`).
 const RETRY_FAILED_REFRESH: Duration = Duration::from_secs(30);
 
-/// IMDS attempts per request (src/source/s3.rs, `IMDS_ATTEMPTS`).
+/// IMDS attempts per request (src/source/s3creds.rs, `IMDS_ATTEMPTS`).
 const IMDS_ATTEMPTS: usize = 3;
 
 // ---------------------------------------------------------------------------------------------

@@ -16,13 +16,12 @@ use std::collections::BTreeSet;
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha512};
-use tokio::io::AsyncReadExt;
 
 use super::index::{self, Checksum, Entry};
 use super::store::Store;
 use crate::keyring::Keyring;
 use crate::repo::capped;
-use crate::repo::digest::{Expected, StreamDigest};
+use crate::repo::digest::{Expected, StreamDigest, StreamError};
 use crate::repo::release;
 use crate::source::{self, Fetched, Source};
 
@@ -52,28 +51,21 @@ async fn fetch(source: &dyn Source, path: &str) -> Result<Vec<u8>, String> {
 
 async fn fetch_digest(source: &dyn Source, path: &str, expected: &Expected) -> Result<(), String> {
     let url = source.url(path);
-    let mut body = match source.get(path, None).await {
+    let body = match source.get(path, None).await {
         Ok(Fetched::Object(object)) => object.body,
         Ok(Fetched::NotModified) => return Err(format!("{url}: 304 to an unconditional request")),
         Err(e) => return Err(e.to_string()),
     };
-    let mut digest = StreamDigest::new(expected.size);
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        let n = body
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        digest.update(&chunk[..n]).map_err(|_| {
-            format!(
+    let digest = source::HashingBody::new(body, StreamDigest::new(expected.size))
+        .copy_to(&mut tokio::io::sink())
+        .await
+        .map_err(|e| match e {
+            StreamError::Overflow(_) => format!(
                 "{url}: longer than the {} bytes the index says",
                 expected.size
-            )
+            ),
+            other => format!("{url}: {other}"),
         })?;
-    }
     digest
         .verify(expected)
         .map_err(|m| source::mismatch(&url, m).to_string())
