@@ -142,6 +142,15 @@ fn io_write(url: &str, e: impl std::fmt::Display) -> PublishError {
     }
 }
 
+/// Opens `full` for reading; `None` when there is no such file.
+fn open_existing(full: &Path, url: &str) -> Result<Option<std::fs::File>, PublishError> {
+    match std::fs::File::open(full) {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_read(url, e)),
+    }
+}
+
 fn io_read(url: &str, e: impl std::fmt::Display) -> PublishError {
     PublishError::StoreRead {
         url: url.to_string(),
@@ -256,10 +265,8 @@ impl Store for DirStore {
         Box::pin(blocking(url.clone(), move || {
             // One open file for the size, the bytes and the mtime: a
             // rename in between replaces the path, not this file.
-            let file = match std::fs::File::open(&full) {
-                Ok(file) => file,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(io_read(&url, e)),
+            let Some(file) = open_existing(&full, &url)? else {
+                return Ok(None);
             };
             let meta = file.metadata().map_err(|e| io_read(&url, e))?;
             if !meta.is_file() {
@@ -296,10 +303,8 @@ impl Store for DirStore {
         let full = self.full(path);
         let url = self.url(path);
         Box::pin(blocking(url.clone(), move || {
-            let file = match std::fs::File::open(&full) {
-                Ok(file) => file,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(io_read(&url, e)),
+            let Some(file) = open_existing(&full, &url)? else {
+                return Ok(None);
             };
             let digest = HashingReader::new(file, StreamDigest::new(u64::MAX))
                 .copy_to(&mut std::io::sink())
