@@ -266,12 +266,6 @@ impl Publisher {
 /// sleep through.
 const MAX_DATE_WAIT: Duration = Duration::from_secs(10);
 
-/// `t` without its fraction of a second, as Release dates and HTTP dates
-/// have it.
-fn whole_seconds(t: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t)
-}
-
 /// The new Release's Date: now, in whole seconds, and strictly later than
 /// both the Date of the Release it replaces and that InRelease's
 /// Last-Modified (when the store gives it); when it would not be, this
@@ -307,7 +301,7 @@ fn whole_seconds(t: DateTime<Utc>) -> DateTime<Utc> {
 /// Waits at most [`MAX_DATE_WAIT`]: a previous Date or Last-Modified
 /// further ahead of this clock is a clock problem, reported as such.
 async fn next_date(current: Option<&Current>) -> Result<DateTime<Utc>, Error> {
-    let now = whole_seconds(Utc::now());
+    let now = index::whole_seconds(Utc::now());
     let Some(current) = current else {
         return Ok(now);
     };

@@ -322,6 +322,12 @@ fn checksum_field(lines: &[Checksum]) -> String {
     out
 }
 
+/// `t` without its fraction of a second, as Release dates and HTTP dates
+/// (Last-Modified) have it.
+pub fn whole_seconds(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t)
+}
+
 /// Release dates: RFC 2822 in UTC, as apt and dak write them.
 pub fn release_date(date: DateTime<Utc>) -> String {
     date.format("%a, %d %b %Y %H:%M:%S UTC").to_string()
