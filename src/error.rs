@@ -320,22 +320,25 @@ pub enum InstallError {
     RolledBack {
         package: String,
         version: String,
-        reason: String,
+        #[source]
+        reason: Failure,
         restored: String,
     },
     #[error("{package} {version} {reason}; no earlier version to roll back to")]
     NoRollback {
         package: String,
         version: String,
-        reason: String,
+        #[source]
+        reason: Failure,
     },
     #[error("{package} {version} {reason}; rollback to {restored} failed too: {rollback_error}")]
     RollbackFailed {
         package: String,
         version: String,
-        reason: String,
+        #[source]
+        reason: Failure,
         restored: String,
-        rollback_error: String,
+        rollback_error: Failure,
     },
     /// Before an upgrade: the way back (the running version's verified
     /// .deb) is neither in the cache nor to be had from the repository.
@@ -354,6 +357,18 @@ pub enum InstallError {
         expected: String,
         actual: Option<String>,
     },
+}
+
+/// Why an install (or the rollback after it) did not end healthy; kept as
+/// a cause, not as text, so the chain of errors stays whole.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// dpkg failed, or did not leave the expected version installed.
+    #[error("failed to install: {0}")]
+    Install(#[source] Box<Error>),
+    /// The app's health check did not pass within the health gate.
+    #[error("did not become healthy: {0}")]
+    Unhealthy(String),
 }
 
 /// Persisted state and the cache.

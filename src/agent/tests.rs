@@ -379,7 +379,7 @@ fn rollback_fails_when_the_way_back_no_longer_hashes() {
         .block_on(n.agent.apply(plan, &mut state))
         .expect_err("1.1 fails");
     assert!(
-        matches!(error, Error::Install(InstallError::RollbackFailed { ref rollback_error, .. }) if rollback_error.contains("SHA256 mismatch")),
+        matches!(error, Error::Install(InstallError::RollbackFailed { ref rollback_error, .. }) if rollback_error.to_string().contains("SHA256 mismatch")),
         "{error}"
     );
     assert_eq!(n.installed(), None, "the tampered .deb was installed");

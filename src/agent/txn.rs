@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use super::fetch::file_sha256;
 use super::{Agent, Change, Outcome, Plan, committed_versions};
-use crate::error::{Error, InstallError, StateError, VerifyError};
+use crate::error::{Error, Failure, InstallError, StateError, VerifyError};
 use crate::repo::packages::same_version;
 use crate::state::{InstalledPackage, Pending, PendingPackage, State};
 
@@ -117,11 +117,8 @@ impl Agent {
             tokio::time::sleep(drain).await;
         }
         let result = match self.run_dpkg(&pending, target_of, &debs).await {
-            Ok(()) => self
-                .health_gate()
-                .await
-                .map_err(|reason| format!("did not become healthy: {reason}")),
-            Err(e) => Err(format!("failed to install: {e}")),
+            Ok(()) => self.health_gate().await.map_err(Failure::Unhealthy),
+            Err(e) => Err(Failure::Install(Box::new(e))),
         };
         let outcome = match result {
             Ok(()) => self.commit(pending, state),
@@ -284,7 +281,7 @@ impl Agent {
     async fn roll_back(
         &self,
         pending: Pending,
-        reason: String,
+        reason: Failure,
         state: &mut State,
     ) -> Result<Outcome, Error> {
         let mut next = state.clone();
@@ -300,7 +297,7 @@ impl Agent {
             InstallError::NoRollback {
                 package: first.name.clone(),
                 version: first.to.version.clone(),
-                reason: reason.clone(),
+                reason,
             }
         } else {
             let restored = pending
@@ -318,8 +315,8 @@ impl Agent {
                 )
                 .await
             {
-                Ok(()) => self.health_gate().await,
-                Err(e) => Err(e.to_string()),
+                Ok(()) => self.health_gate().await.map_err(Failure::Unhealthy),
+                Err(e) => Err(Failure::Install(Box::new(e))),
             };
             if rollback.is_ok() {
                 // The committed versions are back; keep the record of their
@@ -335,13 +332,13 @@ impl Agent {
                 Ok(()) => InstallError::RolledBack {
                     package: first.name.clone(),
                     version: first.to.version.clone(),
-                    reason: reason.clone(),
+                    reason,
                     restored,
                 },
                 Err(rollback_error) => InstallError::RollbackFailed {
                     package: first.name.clone(),
                     version: first.to.version.clone(),
-                    reason: reason.clone(),
+                    reason,
                     restored,
                     rollback_error,
                 },
