@@ -824,6 +824,58 @@ fn killed_mid_install_cache_tampered_before_restart() {
     assert_converged_on_1_1(&f, &out);
 }
 
+/// Killed after the journal was written but before dpkg ran (while
+/// draining): the resumed install needs the cached .deb itself, so it is
+/// hashed again; a .deb swapped meanwhile is refused (exit 65), the
+/// install is abandoned without blaming the version, and the next cycle
+/// fetches the signed 1.1 again. (When dpkg had already unpacked 1.1, as in
+/// `killed_mid_install_cache_tampered_before_restart`, the cached file is
+/// not needed at all.)
+#[test]
+fn killed_before_dpkg_cache_tampered_before_restart() {
+    let mut f = installed_1_0("drain = \"0s\"");
+    let config_path = f.node.config.clone();
+    let set_drain = |from: &str, to: &str| {
+        let config = std::fs::read_to_string(&config_path).expect("config");
+        let (from, to) = (format!("drain = \"{from}\""), format!("drain = \"{to}\""));
+        assert!(config.contains(&from), "{config}");
+        std::fs::write(&config_path, config.replace(&from, &to)).expect("config");
+    };
+    set_drain("0s", "30s");
+    f.publish(&[pkg("myapp", "1.1")]);
+    let mut agent = Running::start(f.node.command(&["once"]));
+    agent.wait_for_line("draining before dpkg", LIMIT);
+    agent.kill();
+    assert_eq!(pending_target(&f.node.state()).as_deref(), Some("1.1"));
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    let evil_dir = tempfile::tempdir().expect("tempdir");
+    let evil = build(
+        evil_dir.path(),
+        &pkg("myapp", "1.1").extra_file("usr/share/myapp/evil", "not from the repository\n"),
+    );
+    std::fs::copy(&evil, f.cache_dir().join("myapp_1.1_amd64.deb")).expect("swap cached deb");
+    set_drain("30s", "0s");
+
+    let out = f.once();
+    assert_failed(&out, 65, &["SHA256 mismatch", "myapp_1.1_amd64.deb"]);
+    assert!(!f.root().join("usr/share/myapp/evil").exists());
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    let state = f.node.state();
+    assert_eq!(state.pending, None);
+    assert!(state.bad.is_empty(), "{:?}", state.bad);
+    assert!(
+        state
+            .events
+            .iter()
+            .any(|e| e.message.starts_with("install abandoned")),
+        "{:?}",
+        state.events
+    );
+
+    let out = f.once();
+    assert_converged_on_1_1(&f, &out);
+}
+
 #[test]
 fn postinst_fails() {
     let mut f = installed_1_0("");

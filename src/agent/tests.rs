@@ -482,3 +482,50 @@ fn a_cycle_that_cannot_read_the_repository_records_the_error_and_moves_nothing()
     assert_eq!(State::load(&n.state_path()).expect("state"), state);
     assert!(n.installer.runs.lock().expect("runs").is_empty());
 }
+
+#[test]
+fn a_resumed_install_hashes_its_debs_again_and_abandons_a_changed_one() {
+    let n = node(&[("myapp", "1.0")], &[], false);
+    let mut state = n.committed("1.0", true);
+    let plan = n.plan(&state, "1.1");
+    // A crash after the journal was written, before dpkg ran; while the
+    // agent was down the cached 1.1 was replaced (disk error, tampering).
+    let mut crashed = state.clone();
+    crashed.pending = Some(crate::state::Pending {
+        started_at: noon(),
+        release: plan.release.clone(),
+        packages: vec![crate::state::PendingPackage {
+            name: "myapp".into(),
+            from: state.installed.get("myapp").cloned(),
+            to: InstalledPackage {
+                version: "1.1".into(),
+                sha256: Some(plan.installs[0].sha256.clone()),
+                installed_at: Some(noon()),
+                deb: Some("myapp_1.1_amd64.deb".into()),
+            },
+        }],
+    });
+    crashed.save(&n.state_path()).expect("save");
+    std::fs::write(n.cache().join("myapp_1.1_amd64.deb"), "myapp 6.6.6").expect("tamper");
+
+    let result = runtime()
+        .block_on(n.agent.cycle(&mut state, std::future::pending()))
+        .expect("not cancelled");
+    let error = result.expect_err("a changed .deb must not be installed");
+    assert!(
+        matches!(
+            error,
+            Error::Verify(crate::error::VerifyError::HashMismatch { .. })
+        ),
+        "{error}"
+    );
+    assert!(
+        n.installer.runs.lock().expect("runs").is_empty(),
+        "the installer ran"
+    );
+    assert_eq!(n.installed().as_deref(), Some("1.0"));
+    assert!(!n.cache().join("myapp_1.1_amd64.deb").exists());
+    assert_eq!(state.pending, None, "the install is abandoned, not retried");
+    assert_eq!(state.installed["myapp"].version, "1.0");
+    assert!(state.bad.is_empty(), "the version is not to blame");
+}
