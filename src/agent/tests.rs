@@ -268,6 +268,34 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Saves what a crash after the journal was written leaves: `plan`
+    /// pending in state.json over `state`, its .deb in the cache, the
+    /// installer at the old version.
+    fn crashed_after_the_journal(&self, state: &State, plan: &Plan) {
+        let mut crashed = state.clone();
+        let install = &plan.installs[0];
+        crashed.pending = Some(crate::state::Pending {
+            started_at: noon(),
+            release: plan.release.clone(),
+            packages: vec![crate::state::PendingPackage {
+                name: install.name.clone(),
+                from: install.from.clone(),
+                to: InstalledPackage {
+                    version: install.to.clone(),
+                    sha256: Some(install.sha256.clone()),
+                    installed_at: Some(noon()),
+                    deb: install
+                        .deb
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned()),
+                },
+            }],
+        });
+        crashed.save(&self.state_path()).expect("save");
+    }
+}
+
 fn accepted() -> AcceptedRelease {
     AcceptedRelease {
         date: noon(),
@@ -430,22 +458,7 @@ fn an_interrupted_install_is_finished_by_the_next_cycle_without_the_repository()
     let plan = n.plan(&state, "1.1");
     // What a crash after the journal was written leaves: pending in
     // state.json, the verified .deb in the cache, dpkg at the old version.
-    let mut crashed = state.clone();
-    crashed.pending = Some(crate::state::Pending {
-        started_at: noon(),
-        release: plan.release.clone(),
-        packages: vec![crate::state::PendingPackage {
-            name: "myapp".into(),
-            from: state.installed.get("myapp").cloned(),
-            to: InstalledPackage {
-                version: "1.1".into(),
-                sha256: Some(plan.installs[0].sha256.clone()),
-                installed_at: Some(noon()),
-                deb: Some("myapp_1.1_amd64.deb".into()),
-            },
-        }],
-    });
-    crashed.save(&n.state_path()).expect("save");
+    n.crashed_after_the_journal(&state, &plan);
     // The cycle reads state.json under its lock; it never asks the source.
     let outcome = runtime()
         .block_on(n.agent.cycle(&mut state, std::future::pending()))
@@ -490,22 +503,7 @@ fn a_resumed_install_hashes_its_debs_again_and_abandons_a_changed_one() {
     let plan = n.plan(&state, "1.1");
     // A crash after the journal was written, before dpkg ran; while the
     // agent was down the cached 1.1 was replaced (disk error, tampering).
-    let mut crashed = state.clone();
-    crashed.pending = Some(crate::state::Pending {
-        started_at: noon(),
-        release: plan.release.clone(),
-        packages: vec![crate::state::PendingPackage {
-            name: "myapp".into(),
-            from: state.installed.get("myapp").cloned(),
-            to: InstalledPackage {
-                version: "1.1".into(),
-                sha256: Some(plan.installs[0].sha256.clone()),
-                installed_at: Some(noon()),
-                deb: Some("myapp_1.1_amd64.deb".into()),
-            },
-        }],
-    });
-    crashed.save(&n.state_path()).expect("save");
+    n.crashed_after_the_journal(&state, &plan);
     std::fs::write(n.cache().join("myapp_1.1_amd64.deb"), "myapp 6.6.6").expect("tamper");
 
     let result = runtime()
