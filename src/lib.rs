@@ -14,13 +14,17 @@
 //! - [`source`]: where bytes come from (`Source` trait: S3, local dir) and the
 //!   capped, hashing readers every byte passes through.
 //! - [`repo`]: the apt repository model, pure and IO-free: cleartext
-//!   framing, Release, Packages, streaming digests.
+//!   framing, Release, Packages, streaming digests, capped decompression,
+//!   `Depends`, and the one validation of names and versions.
 //! - [`keyring`]: pinned certificates and the signature policy (Sequoia).
-//! - [`install`]: dpkg as a subprocess.
-//! - [`health`]: `/healthz` and the app probe.
+//! - [`install`]: the `Installer` seam; dpkg as a subprocess.
+//! - [`health`]: `/healthz`, the app probe, `/metrics`, and the server's
+//!   limits against hostile peers.
 //! - [`state`]: `state.json`, written atomically, and the lock that makes
 //!   one `run` cycle or `once` its only writer.
-//! - [`agent`]: one cycle, the only place that sequences the steps.
+//! - [`agent`]: one cycle, the only place that sequences the steps; built
+//!   from its parts (source, installer, keyring, clock); the repository
+//!   half (`fetch`), the pure plan (`plan`), the install half (`txn`).
 //! - [`daemon`]: interval, jitter, health server, reload, shutdown.
 //! - [`notify`]: systemd readiness and watchdog; [`logging`]: text or JSON.
 //! - [`publish`]: the repository side: publish, promote, refresh (signed, atomic).
