@@ -12,6 +12,7 @@ use std::path::Path;
 use crate::repo::digest::{HashingReader, StreamDigest};
 
 use super::index::{self, Stanza};
+use crate::repo::capped::CappedReader;
 
 /// A control member larger than this is refused: real ones are a few KiB
 /// (maintainer scripts, md5sums of every file: rarely over 1 MiB).
@@ -300,7 +301,9 @@ fn control_file(file: &mut std::fs::File, total: u64) -> Result<String, DebError
         other => return Err(invalid(format!("unsupported control member {other:?}"))),
     };
     let name = control.name.clone();
-    let mut archive = tar::Archive::new(reader.take(MAX_CONTROL_MEMBER * 4));
+    // A control member that inflates past this is an error, not a
+    // shorter archive (the one capped reader: repo::capped).
+    let mut archive = tar::Archive::new(CappedReader::new(reader, MAX_CONTROL_MEMBER * 4));
     let entries = archive
         .entries()
         .map_err(|e| invalid(format!("{name}: {e}")))?;
