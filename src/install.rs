@@ -307,7 +307,8 @@ impl Dpkg {
     pub async fn recover(&self) -> Result<(), InstallError> {
         let mut command = self.dpkg();
         command.args(["--configure", "--pending"]);
-        self.run(command, "--configure --pending (recovery)".into()).await
+        self.run(command, "--configure --pending (recovery)".into())
+            .await
     }
 
     /// Waits up to `timeout` for dpkg's locks, as apt does, so that another
