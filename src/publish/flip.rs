@@ -21,11 +21,17 @@ use super::write::Content;
 use super::{Operation, Publisher};
 use crate::error::{Error, PublishError};
 
-/// How many attempts an update makes before it gives up: the first and
-/// five more after losing the flip to another publisher or failing verify
-/// before flip. Each attempt rereads the suite. After a failed attempt
-/// number `n` it waits a random 50..=250 ms times `n`, so that publishers
-/// that lost a race start again at different times:
+/// How many failed attempts an update makes before it gives up: the first
+/// and five more after losing the flip to another publisher or failing
+/// verify before flip. A failed attempt during which another publisher
+/// flipped InRelease (the next attempt reads a new ETag) does not count:
+/// the failure is that race's, and the other publisher is done. So
+/// publishers racing without a lock all get through, one per flip, instead
+/// of the slowest giving up while the others still make progress; a store
+/// that keeps serving wrong bytes still fails after six. At most
+/// [`MAX_ATTEMPTS`] in all. Each attempt rereads the suite. After a failed
+/// attempt number `n` (counted) it waits a random 50..=250 ms times `n`,
+/// so that publishers that lost a race start again at different times:
 ///
 /// | after attempt | waits        |
 /// |---------------|--------------|
@@ -40,6 +46,10 @@ use crate::error::{Error, PublishError};
 /// wait for the lock, `--lock-wait`, before the first).
 const FLIP_ATTEMPTS: u32 = 6;
 
+/// The bound on attempts, counted or not: a crowd of racing publishers
+/// cannot keep one trying for ever.
+const MAX_ATTEMPTS: u32 = 30;
+
 /// How an attempt ended.
 enum Flip {
     Done,
@@ -50,8 +60,8 @@ enum Flip {
 }
 
 impl Publisher {
-    /// Attempts until one flips, at most [`FLIP_ATTEMPTS`]; the report of
-    /// the one that did.
+    /// Attempts until one flips, at most [`FLIP_ATTEMPTS`] failures that
+    /// were not a lost race (see there); the report of the one that did.
     pub(super) async fn attempts(
         &self,
         suite: &str,
@@ -60,8 +70,21 @@ impl Publisher {
     ) -> Result<Vec<String>, Error> {
         let mut uploaded = BTreeSet::new();
         let mut refused = None;
-        for attempt in 1..=FLIP_ATTEMPTS {
+        // Failed attempts that count, and the InRelease ETag the last one
+        // started from.
+        let mut attempt = 0;
+        let mut started_from: Option<Option<String>> = None;
+        for _ in 0..MAX_ATTEMPTS {
             let current = self.read_current(suite).await?;
+            let etag = current.as_ref().and_then(|c| c.etag.clone());
+            let raced = started_from.as_ref().is_some_and(|before| *before != etag);
+            if !raced {
+                attempt += 1;
+            }
+            if attempt > FLIP_ATTEMPTS {
+                break;
+            }
+            started_from = Some(etag);
             refused = None;
             let date = next_date(current.as_ref()).await?;
             // Without --valid-for, the suite keeps the validity period it
