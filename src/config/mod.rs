@@ -41,6 +41,11 @@ pub struct Config {
     pub agent: AgentSettings,
     pub install: InstallSettings,
     pub health: HealthSettings,
+    /// `[fleet]`: always present (every key has a default); without
+    /// `url` the node writes nothing to S3.
+    pub fleet: FleetSettings,
+    pub lifecycle: Option<LifecycleSettings>,
+    pub notify: Option<NotifySettings>,
 }
 
 /// `[repository]`: where the repository is, which suite of it, and the
@@ -159,6 +164,78 @@ pub struct HealthSettings {
     pub drain: Duration,
 }
 
+/// `[fleet]`: where nodes coordinate a rollout (leases, halt markers,
+/// reports), and who this node is in it.
+#[derive(Debug, Clone)]
+pub struct FleetSettings {
+    /// `s3://bucket[/prefix]` or `file:///dir`; `None`: the node follows
+    /// the signed rollout policy but writes nothing (no leases, no halt
+    /// markers, no reports). An s3:// url is reached through
+    /// `repository.endpoint` and `repository.region`.
+    pub url: Option<RepoUrl>,
+    /// `None`: IMDS instance-id, else /etc/machine-id (see `fleet::node_id`).
+    pub node_id: Option<String>,
+    pub report_interval: Duration,
+}
+
+/// `[lifecycle]`: EC2 Auto Scaling lifecycle hooks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleSettings {
+    /// Completed with CONTINUE after the first healthy commit, ABANDON
+    /// when the first install fails for good.
+    pub launch_hook: Option<String>,
+    /// On target-lifecycle-state `Terminated`: drain, then CONTINUE.
+    pub terminate_hook: Option<String>,
+    /// `None`: the IMDS instance tag `aws:autoscaling:groupName`.
+    pub group: Option<String>,
+}
+
+/// `[notify]`: an incoming webhook (Slack-compatible `{"text": ...}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifySettings {
+    pub webhook: String,
+    pub events: Vec<NodeEvent>,
+    /// Consecutive failed cycles that make a `failing` event (once per
+    /// streak).
+    pub failing_after: u32,
+}
+
+/// A node event `[notify] events` may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NodeEvent {
+    /// The node rolled a version back (failed health gate or dpkg).
+    Rollback,
+    /// The node wrote a halt marker for a version.
+    Halt,
+    /// `failing_after` consecutive cycles failed.
+    Failing,
+}
+
+impl NodeEvent {
+    pub const ALL: [NodeEvent; 3] = [NodeEvent::Rollback, NodeEvent::Halt, NodeEvent::Failing];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeEvent::Rollback => "rollback",
+            NodeEvent::Halt => "halt",
+            NodeEvent::Failing => "failing",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<NodeEvent, String> {
+        NodeEvent::ALL
+            .into_iter()
+            .find(|e| e.name() == text)
+            .ok_or_else(|| {
+                let names: Vec<&str> = NodeEvent::ALL.iter().map(|e| e.name()).collect();
+                format!(
+                    "{text:?} is not a node event; one of {} (the publisher's \"published\", \"promoted\" and \"rollout\" are sent by the publish commands)",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
 // ---- defaults -------------------------------------------------------------
 
 const DEFAULT_COMPONENT: &str = "main";
@@ -177,6 +254,11 @@ const DEFAULT_HEALTHY_AFTER: u32 = 3;
 const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_DRAIN: Duration = Duration::ZERO;
+const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(300);
+const MIN_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+const DEFAULT_FAILING_AFTER: u32 = 3;
+/// Longest node id: it is an S3 key segment (`nodes/<id>.json`).
+const MAX_NODE_ID: usize = 128;
 
 fn http_url(text: &str) -> Result<String, String> {
     let rest = text
@@ -462,6 +544,130 @@ fn read_health(mut s: Section) -> Option<HealthSettings> {
     })
 }
 
+fn read_fleet(mut s: Section, repository_url: Option<&RepoUrl>) -> FleetSettings {
+    let url = s
+        .take_str("url")
+        .and_then(|url| s.check("url", RepoUrl::parse(&url)));
+    if let (Some(url), Some(repository)) = (&url, repository_url)
+        && url == repository
+    {
+        s.problem(
+            "url",
+            "is the repository itself; give the fleet a prefix of its own (nodes write there)",
+        );
+    }
+    let node_id = s
+        .take_str("node_id")
+        .and_then(|id| s.check("node_id", node_id(&id)));
+    let report_interval = s
+        .take_duration("report_interval")
+        .unwrap_or(DEFAULT_REPORT_INTERVAL);
+    if report_interval < MIN_REPORT_INTERVAL {
+        s.problem(
+            "report_interval",
+            format!(
+                "must be at least {}",
+                humantime::format_duration(MIN_REPORT_INTERVAL)
+            ),
+        );
+    }
+    s.finish();
+    FleetSettings {
+        url,
+        node_id,
+        report_interval,
+    }
+}
+
+/// A node id as the fleet uses it: one S3 key segment, readable in a
+/// report. Letters, digits, `.`, `_`, `-`; not `.` or `..`.
+pub fn node_id(text: &str) -> Result<String, String> {
+    let ok = !text.is_empty()
+        && text.len() <= MAX_NODE_ID
+        && text != "."
+        && text != ".."
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    match ok {
+        true => Ok(text.to_string()),
+        false => Err(format!(
+            "{text:?} is not a node id: 1 to {MAX_NODE_ID} letters, digits, '.', '_' or '-'"
+        )),
+    }
+}
+
+/// An Auto Scaling name (hook, group): 1 to 255 printable characters.
+fn asg_name(text: &str) -> Result<String, String> {
+    match !text.is_empty() && text.len() <= 255 && !text.chars().any(char::is_control) {
+        true => Ok(text.to_string()),
+        false => Err(format!(
+            "{text:?} is not an Auto Scaling name (1 to 255 characters)"
+        )),
+    }
+}
+
+fn read_lifecycle(mut s: Section) -> LifecycleSettings {
+    let name = |s: &mut Section, key: &str| {
+        s.take_str(key)
+            .and_then(|text| s.check(key, asg_name(&text)))
+    };
+    let launch_hook = name(&mut s, "launch_hook");
+    let terminate_hook = name(&mut s, "terminate_hook");
+    let group = name(&mut s, "group");
+    if launch_hook.is_none() && terminate_hook.is_none() {
+        s.problem(
+            "launch_hook",
+            "[lifecycle] names no hook; set launch_hook and/or terminate_hook, or remove the table",
+        );
+    }
+    s.finish();
+    LifecycleSettings {
+        launch_hook,
+        terminate_hook,
+        group,
+    }
+}
+
+fn read_notify(mut s: Section) -> Option<NotifySettings> {
+    let webhook = s
+        .need("webhook", Section::take_str)
+        .and_then(|url| s.check("webhook", http_url(&url)));
+    let events = match s.take_str_list("events") {
+        None => NodeEvent::ALL.to_vec(),
+        Some(list) => {
+            let mut events = Vec::new();
+            for (i, text) in list.iter().enumerate() {
+                let key = format!("events[{i}]");
+                if let Some(event) = text
+                    .as_deref()
+                    .and_then(|text| s.check(&key, NodeEvent::parse(text)))
+                    && !events.contains(&event)
+                {
+                    events.push(event);
+                }
+            }
+            events
+        }
+    };
+    let failing_after = s
+        .take_u64("failing_after")
+        .and_then(|n| {
+            let fits = u32::try_from(n).map_err(|_| format!("{n} is more than {}", u32::MAX));
+            s.check("failing_after", fits)
+        })
+        .unwrap_or(DEFAULT_FAILING_AFTER);
+    if failing_after == 0 {
+        s.problem("failing_after", "must be at least 1");
+    }
+    s.finish();
+    Some(NotifySettings {
+        webhook: webhook?,
+        events,
+        failing_after,
+    })
+}
+
 impl Config {
     /// Reads and validates `path`. Relative paths in the file are resolved
     /// against the file's directory, so a config can travel with its keyring.
@@ -491,6 +697,9 @@ impl Config {
         let agent = top.need("agent", Section::take_table);
         let install = top.take_table("install").unwrap_or_default();
         let health = top.take_table("health").unwrap_or_default();
+        let fleet = top.take_table("fleet").unwrap_or_default();
+        let lifecycle = top.take_table("lifecycle");
+        let notify = top.take_table("notify");
         top.finish();
 
         let (repository, keyring) = match repository {
@@ -512,6 +721,14 @@ impl Config {
         });
         let install = read_install(Section::new(Some("install"), install, &mut problems), base);
         let health = read_health(Section::new(Some("health"), health, &mut problems));
+        let fleet = read_fleet(
+            Section::new(Some("fleet"), fleet, &mut problems),
+            repository.as_ref().map(|r| &r.url),
+        );
+        let lifecycle = lifecycle
+            .map(|table| read_lifecycle(Section::new(Some("lifecycle"), table, &mut problems)));
+        let notify = notify
+            .and_then(|table| read_notify(Section::new(Some("notify"), table, &mut problems)));
         problems.0.extend(unknown.0);
 
         match (repository, agent, health) {
@@ -521,6 +738,9 @@ impl Config {
                 agent,
                 install,
                 health,
+                fleet,
+                lifecycle,
+                notify,
             }),
             _ => Err(ConfigError::Invalid {
                 path: path.to_path_buf(),

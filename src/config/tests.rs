@@ -366,3 +366,71 @@ fn package_specs() {
     assert!(PackageSpec::parse("../x").is_err());
     assert!(PackageSpec::parse("myapp=").is_err());
 }
+
+#[test]
+fn fleet_lifecycle_notify_defaults_and_values() {
+    let config = parse(MINIMAL).unwrap();
+    assert_eq!(config.fleet.url, None);
+    assert_eq!(config.fleet.node_id, None);
+    assert_eq!(config.fleet.report_interval, Duration::from_secs(300));
+    assert_eq!(config.lifecycle, None);
+    assert_eq!(config.notify, None);
+
+    let text = format!(
+        "{MINIMAL}\n[fleet]\nurl = \"s3://acme-apt/fleet\"\nnode_id = \"i-0abc\"\nreport_interval = \"10s\"\n\
+         [lifecycle]\nlaunch_hook = \"pulldeploy-launch\"\n\
+         [notify]\nwebhook = \"https://hooks.example.com/T0/B0/X\"\nevents = [\"halt\", \"rollback\"]\n"
+    );
+    let config = parse(&text).unwrap();
+    assert_eq!(
+        config.fleet.url,
+        Some(RepoUrl::S3 {
+            bucket: "acme-apt".into(),
+            prefix: "fleet".into()
+        })
+    );
+    assert_eq!(config.fleet.node_id.as_deref(), Some("i-0abc"));
+    assert_eq!(config.fleet.report_interval, Duration::from_secs(10));
+    let lifecycle = config.lifecycle.unwrap();
+    assert_eq!(lifecycle.launch_hook.as_deref(), Some("pulldeploy-launch"));
+    assert_eq!(lifecycle.terminate_hook, None);
+    let notify = config.notify.unwrap();
+    assert_eq!(notify.events, [NodeEvent::Halt, NodeEvent::Rollback]);
+    assert_eq!(notify.failing_after, 3);
+}
+
+#[test]
+fn fleet_lifecycle_notify_problems_are_all_reported() {
+    let text = format!(
+        "{MINIMAL}\n[fleet]\nurl = \"s3://acme-apt/repo\"\nnode_id = \"../etc\"\nreport_interval = \"0s\"\nextra = 1\n\
+         [lifecycle]\ngroup = \"web\"\n\
+         [notify]\nevents = [\"published\", 3]\nfailing_after = 0\n"
+    );
+    let found = problems(&text);
+    for expected in [
+        "fleet.url: is the repository itself",
+        "fleet.node_id: \"../etc\" is not a node id",
+        "fleet.report_interval: must be at least 1s",
+        "fleet.extra: unknown key",
+        "lifecycle.launch_hook: [lifecycle] names no hook",
+        "notify.webhook: missing (required)",
+        "notify.events[0]: \"published\" is not a node event",
+        "notify.events[1]: expected a string, found integer 3",
+        "notify.failing_after: must be at least 1",
+    ] {
+        assert!(
+            found.iter().any(|p| p.starts_with(expected)),
+            "{expected:?} not in {found:#?}"
+        );
+    }
+}
+
+#[test]
+fn node_ids_are_one_key_segment() {
+    for good in ["i-0abc123", "web-1.example", "a_b"] {
+        assert_eq!(node_id(good).as_deref(), Ok(good));
+    }
+    for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(129), "é"] {
+        assert!(node_id(bad).is_err(), "{bad:?}");
+    }
+}
