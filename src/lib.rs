@@ -43,5 +43,6 @@ pub mod logging;
 pub mod notify;
 pub mod publish;
 pub mod repo;
+pub mod rollout;
 pub mod source;
 pub mod state;
