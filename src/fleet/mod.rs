@@ -1,0 +1,199 @@
+//! Fleet coordination through a store (S3 or a directory) alone: in-flight
+//! leases, halt markers and node reports under `[fleet] url`, and the
+//! `fleet` commands that read them.
+//!
+//! Layout, per suite (`../DESIGN`'s contract, names binding):
+//!
+//! ```text
+//! <fleet>/<suite>/leases/<slot>                slot = 0..max_in_flight-1   (lease)
+//! <fleet>/<suite>/halted/<package>_<version>   names encoded by `key`      (halt)
+//! <fleet>/<suite>/nodes/<node-id>.json                                     (report)
+//! ```
+//!
+//! Every node with write access to the prefix can write every object in
+//! it, so whatever is read back is untrusted: capped in size, parsed
+//! defensively, shown with control characters escaped, and never a
+//! reason to install anything. A node can delay a rollout (hold a lease,
+//! write a halt marker), not make another node install a version: what
+//! is installed comes from the signed repository and its signed policy.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tracing::warn;
+
+use crate::config::RepoUrl;
+use crate::error::PublishError;
+use crate::publish::store::{Body, Condition, DirStore, Store, Stored, Written};
+
+mod command;
+mod error;
+mod halt;
+mod key;
+mod lease;
+mod node_id;
+mod report;
+mod status;
+
+pub use command::{FleetArgs, FleetCommand, run};
+pub use error::FleetError;
+pub use halt::Halt;
+pub use key::{decode as decode_key, encode as encode_key};
+pub use lease::{Lease, LeaseInfo, MAX_LEASE_TTL};
+pub use node_id::{node_id_from, resolve_node_id};
+pub use report::{MAX_REPORT_BYTES, NodeReport};
+pub use status::{Status, UnreadableReport};
+
+/// Objects of one kind read for `fleet status` (a fleet of this many
+/// nodes is far beyond what one suite's prefix is meant for).
+const MAX_LISTED: usize = 20_000;
+/// Reports read at once by [`Fleet::reports`].
+const READ_CONCURRENCY: usize = 16;
+
+/// One node's (or the operator's) view of a suite's fleet objects.
+pub struct Fleet {
+    store: Arc<dyn Store>,
+    suite: String,
+    node_id: String,
+    /// Set once the "no write access" warning was logged.
+    warned_forbidden: AtomicBool,
+}
+
+impl Fleet {
+    /// Opens the fleet store at `url` for `suite` as node `node_id`. An
+    /// s3:// url is reached through `endpoint` and `region`, those of the
+    /// repository (the same S3 server). Reaches nothing yet.
+    pub async fn open(
+        url: &RepoUrl,
+        endpoint: Option<&str>,
+        region: Option<&str>,
+        suite: &str,
+        node_id: &str,
+    ) -> Result<Fleet, FleetError> {
+        crate::config::node_id(node_id).map_err(|reason| FleetError::Invalid { reason })?;
+        crate::repo::names::Suite::parse(suite).map_err(|reason| FleetError::Invalid { reason })?;
+        let store: Box<dyn Store> = match url {
+            RepoUrl::File(dir) => Box::new(DirStore::new(dir.clone())),
+            #[cfg(feature = "s3")]
+            RepoUrl::S3 { bucket, prefix } => Box::new(
+                crate::publish::store::S3Store::new(
+                    bucket.clone(),
+                    prefix.clone(),
+                    endpoint,
+                    region,
+                )
+                .await?,
+            ),
+            #[cfg(not(feature = "s3"))]
+            RepoUrl::S3 { .. } => {
+                let _ = (endpoint, region);
+                return Err(FleetError::Invalid {
+                    reason: format!("{url}: built without S3 support"),
+                });
+            }
+        };
+        Ok(Fleet::with_store(store, suite, node_id))
+    }
+
+    /// A fleet on any store (tests, a directory store). `suite` and
+    /// `node_id` must be valid already (a [`crate::config::Config`]'s are).
+    pub fn with_store(store: Box<dyn Store>, suite: &str, node_id: &str) -> Fleet {
+        Fleet {
+            store: Arc::from(store),
+            suite: suite.to_string(),
+            node_id: node_id.to_string(),
+            warned_forbidden: AtomicBool::new(false),
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn suite(&self) -> &str {
+        &self.suite
+    }
+
+    /// The URL of the suite's fleet prefix, for messages.
+    pub fn url(&self) -> String {
+        self.store.url(&self.suite)
+    }
+
+    /// Logs a fleet failure for a node that carries on without the
+    /// fleet: a missing write permission once per process (it will not go
+    /// away by itself), anything else each time. Returns whether `error`
+    /// was the missing permission.
+    pub fn log_unavailable(&self, error: &FleetError) -> bool {
+        match error {
+            FleetError::Forbidden { .. } => {
+                if !self.warned_forbidden.swap(true, Ordering::Relaxed) {
+                    warn!(
+                        fleet = %self.url(),
+                        error = %error,
+                        "no write access to the fleet prefix; following the signed policy without leases, halt markers or reports"
+                    );
+                }
+                true
+            }
+            other => {
+                warn!(fleet = %self.url(), error = %other, "fleet store unavailable; carrying on without it this time");
+                false
+            }
+        }
+    }
+
+    /// Writes this node's report, `nodes/<node-id>.json`.
+    pub async fn write_report(&self, report: &NodeReport) -> Result<(), FleetError> {
+        let path = format!("{}/nodes/{}.json", self.suite, key::encode(&report.node_id));
+        let bytes = report.to_json();
+        self.put(&path, Body::Bytes(&bytes), Condition::Always)
+            .await?;
+        Ok(())
+    }
+
+    // ---- the store, with its errors as fleet errors ---------------------
+
+    async fn get(&self, path: &str, limit: u64) -> Result<Option<Stored>, FleetError> {
+        Ok(self.store.get(path, limit).await?)
+    }
+
+    async fn put(
+        &self,
+        path: &str,
+        body: Body<'_>,
+        condition: Condition<'_>,
+    ) -> Result<Written, FleetError> {
+        Ok(self.store.put(path, body, condition).await?)
+    }
+
+    async fn delete(&self, path: &str, if_match: Option<&str>) -> Result<bool, FleetError> {
+        Ok(self.store.delete(path, if_match).await?)
+    }
+
+    async fn exists(&self, path: &str) -> Result<bool, FleetError> {
+        Ok(self.store.size(path).await?.is_some())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, FleetError> {
+        Ok(self.store.list(prefix).await?)
+    }
+}
+
+/// A store's "larger than the limit" refusal of a read.
+fn too_large(error: &PublishError) -> bool {
+    matches!(error, PublishError::StoreRead { message, .. } if message.starts_with("larger than"))
+}
+
+/// Text from another node, safe to print on a terminal: control
+/// characters (escape sequences, newlines) are shown escaped.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| match c.is_control() {
+            true => c.escape_default().collect::<Vec<_>>(),
+            false => vec![c],
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
