@@ -10,6 +10,9 @@ packages=(nettle-dev libclang-dev pkg-config gpg gpg-agent dpkg-dev reprepro apt
 # lintian on it, systemd-analyze verify on its unit (package systemd; it
 # needs no running systemd), and man, which verify runs for Documentation=.
 packages+=(binutils lintian systemd man-db)
+# tests/systemd_node.rs: a Debian booted with systemd as PID 1 in
+# systemd-nspawn; its root is made once by debootstrap (scripts/nspawn-root.sh).
+packages+=(systemd-container debootstrap debian-archive-keyring)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
