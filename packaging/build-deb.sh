@@ -10,13 +10,17 @@
 #   --compress TYPE   PULLDEPLOY_DEB_COMPRESS  xz (default, smallest) or gzip
 #                     (level 1: several times faster, for tests)
 #   --maintainer "Name <email>"  DEB_MAINTAINER  default: the changelog's
+#   --version VERSION PULLDEPLOY_DEB_VERSION  package the binary under another
+#                     version than its own, with no changelog check (tests
+#                     of self-update: a newer package of the same binary)
 #
 # The binary is stripped into the package; shell completions and the man
 # page are generated from it (`pulldeploy completions bash|zsh|fish`,
 # `pulldeploy manpage`), so it must run on this machine. Depends comes
 # from dpkg-shlibdeps (the shared libraries the binary links). The
 # version comes from `pulldeploy --version` and must equal the newest
-# entry of packaging/changelog. Prints the path of the .deb on stdout.
+# entry of packaging/changelog (unless given with --version). Prints the
+# path of the .deb on stdout.
 # Needs dpkg-dev (dpkg-shlibdeps, dpkg-parsechangelog) and binutils.
 set -euo pipefail
 
@@ -27,6 +31,7 @@ binary="${PULLDEPLOY_BIN:-$top/target/release/pulldeploy}"
 out="${PULLDEPLOY_DEB_OUT:-$top/target/debian}"
 compress="${PULLDEPLOY_DEB_COMPRESS:-xz}"
 maintainer="${DEB_MAINTAINER:-}"
+version_override="${PULLDEPLOY_DEB_VERSION:-}"
 
 die() {
     echo "build-deb: $*" >&2
@@ -39,7 +44,8 @@ while (($#)); do
     --out) out="${2:?--out needs a directory}"; shift 2 ;;
     --compress) compress="${2:?--compress needs xz or gzip}"; shift 2 ;;
     --maintainer) maintainer="${2:?--maintainer needs \"Name <email>\"}"; shift 2 ;;
-    -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --version) version_override="${2:?--version needs a Debian version}"; shift 2 ;;
+    -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
     esac
 done
@@ -61,9 +67,20 @@ version_line="$("$binary" --version)" || die "$binary --version failed"
 version="${version_line#pulldeploy }"
 [ "$version" != "$version_line" ] && [ -n "$version" ] ||
     die "$binary --version printed '$version_line', not 'pulldeploy VERSION'"
-changelog_version="$(dpkg-parsechangelog -l "$here/changelog" -S Version)"
-[ "$changelog_version" = "$version" ] ||
-    die "the binary is $version but packaging/changelog's newest entry is $changelog_version: add an entry (dch -c packaging/changelog -v $version)"
+if [ -n "$version_override" ]; then
+    case "$version_override" in
+    [0-9]*) ;;
+    *) die "--version must start with a digit, not $version_override" ;;
+    esac
+    case "$version_override" in
+    *[!A-Za-z0-9.+~:-]*) die "--version $version_override has characters a Debian version cannot have" ;;
+    esac
+    version="$version_override"
+else
+    changelog_version="$(dpkg-parsechangelog -l "$here/changelog" -S Version)"
+    [ "$changelog_version" = "$version" ] ||
+        die "the binary is $version but packaging/changelog's newest entry is $changelog_version: add an entry (dch -c packaging/changelog -v $version)"
+fi
 [ -n "$maintainer" ] || maintainer="$(dpkg-parsechangelog -l "$here/changelog" -S Maintainer)"
 arch="${DEB_HOST_ARCH:-$(dpkg --print-architecture)}"
 
@@ -163,6 +180,7 @@ chmod 0644 "$pkg/DEBIAN/control"
 
 # ---- the .deb -----------------------------------------------------------------
 mkdir -p "$out"
-deb="$out/pulldeploy_${version}_${arch}.deb"
+# The file name leaves out an epoch, as dpkg-buildpackage does.
+deb="$out/pulldeploy_${version#*:}_${arch}.deb"
 dpkg-deb --root-owner-group "${compress_args[@]}" --build "$pkg" "$deb" >/dev/null
 echo "$deb"
