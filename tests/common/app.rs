@@ -16,6 +16,7 @@ use super::node::Node;
 
 /// One probe of the app, as the app saw it.
 #[derive(Clone, Debug)]
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub struct Probe {
     pub at: SystemTime,
     /// usr/share/myapp/VERSION in the sandbox root: the running version.
@@ -32,6 +33,7 @@ pub struct Probe {
 /// root) and how many probes that version has had: a new version can be
 /// sick, slow to start or flapping, independently of the old one.
 pub struct App {
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub probes: Arc<Mutex<Vec<Probe>>>,
     pub stop: Arc<AtomicBool>,
     pub addr: SocketAddr,
@@ -94,6 +96,7 @@ impl App {
         App { probes, stop, addr }
     }
 
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn probes_of(&self, version: &str) -> Vec<Probe> {
         self.probes
             .lock()

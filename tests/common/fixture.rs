@@ -239,6 +239,7 @@ impl Fixture {
         debs
     }
 
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn once(&self) -> Output {
         once(&self.node)
     }
@@ -269,15 +270,18 @@ pub fn configure(node: &Node, section: &str, lines: &str) {
 }
 
 /// `pulldeploy once`, bounded by [`LIMIT`].
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn once(node: &Node) -> Output {
     Running::start(node.command(&["once"])).finish(LIMIT)
 }
 
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[track_caller]
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn assert_ok(out: &Output, expected_stdout: &str) {
     assert!(
         out.status.success(),
@@ -295,6 +299,7 @@ pub fn assert_ok(out: &Output, expected_stdout: &str) {
 
 /// The named error: exit code and every word in the last stderr line.
 #[track_caller]
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn assert_failed(out: &Output, code: i32, words: &[&str]) -> String {
     let (actual, line) = failure(out);
     assert_eq!(actual, Some(code), "exit code; stderr:\n{}", stderr(out));
@@ -309,6 +314,7 @@ pub fn assert_failed(out: &Output, code: i32, words: &[&str]) -> String {
 }
 
 /// name -> version of a state map, for readable comparisons.
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn versions(map: &BTreeMap<String, InstalledPackage>) -> BTreeMap<String, String> {
     map.iter()
         .map(|(name, p)| (name.clone(), p.version.clone()))
@@ -323,6 +329,7 @@ pub fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn bad(pairs: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
     pairs
         .iter()
@@ -342,6 +349,7 @@ pub fn pending_target(state: &State) -> Option<String> {
 }
 
 /// The sandbox's dpkg.log, line by line (dpkg appends to it).
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn dpkg_log(node: &Node) -> Vec<String> {
     std::fs::read_to_string(node.root.dpkg_log())
         .unwrap_or_default()
@@ -368,6 +376,7 @@ pub fn journal(node: &Node) -> Vec<String> {
 }
 
 /// `.deb` files in the node's cache.
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn cached_debs(node: &Node) -> Vec<String> {
     node.cache_files()
         .into_iter()
@@ -404,7 +413,9 @@ pub struct Running {
     pub lines: mpsc::Receiver<String>,
     pub log: Vec<String>,
     pub cursor: usize,
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub stdout: mpsc::Receiver<Vec<u8>>,
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub stdin: Option<ChildStdin>,
 }
 
@@ -467,6 +478,7 @@ impl Running {
         }
     }
 
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -530,6 +542,7 @@ impl Running {
     }
 
     /// SIGTERM to the process itself (not its group), as systemd's stop.
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn terminate(&mut self) {
         // SAFETY: kill(2) on our own unreaped child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };

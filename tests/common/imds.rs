@@ -10,6 +10,10 @@
 //! expire or stop being accepted (401), throttling bursts, no instance role
 //! (404), credentials near expiry, and a full outage.
 //!
+//! For the Auto Scaling lifecycle hooks it serves the instance ID, the
+//! `aws:autoscaling:groupName` instance tag and the target lifecycle state,
+//! each settable while a test runs.
+//!
 //! Like an instance with `HttpTokens=required`, it refuses every metadata GET
 //! that does not carry a token it issued (401), so an IMDSv1 request (a GET
 //! without a token) shows up in the log as `token: None`.
@@ -22,6 +26,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub const ROLE: &str = "pulldeploy-node";
+/// The instance ID the emulator serves by default.
+pub const INSTANCE_ID: &str = "i-0123456789abcdef0";
 
 /// A connection whose token PUT is never answered is held open at most this
 /// long (or until the emulator is dropped).
@@ -56,6 +62,16 @@ pub struct Behaviour {
     /// IMDS is down: every request is read, logged with no status, and the
     /// connection is reset without an answer.
     pub down: bool,
+    /// `/latest/meta-data/instance-id`.
+    pub instance_id: String,
+    /// The instance tag `aws:autoscaling:groupName` under
+    /// `/latest/meta-data/tags/instance/`; `None` answers 404, as IMDS does
+    /// when instance metadata tags are not enabled.
+    pub group_tag: Option<String>,
+    /// `/latest/meta-data/autoscaling/target-lifecycle-state` (`InService`,
+    /// `Terminated`, ...); `None` answers 404, as for an instance outside
+    /// any Auto Scaling group.
+    pub target_lifecycle_state: Option<String>,
 }
 
 impl Default for Behaviour {
@@ -74,6 +90,9 @@ impl Default for Behaviour {
             burst_remaining: 0,
             burst_status: 503,
             down: false,
+            instance_id: INSTANCE_ID.into(),
+            group_tag: None,
+            target_lifecycle_state: None,
         }
     }
 }
@@ -452,6 +471,15 @@ fn answer<'a>(
             )
         }
         "/latest/meta-data/placement/region" => reply(200, String::new(), "us-east-1".into()),
+        "/latest/meta-data/instance-id" => reply(200, String::new(), b.instance_id.clone()),
+        "/latest/meta-data/tags/instance/aws:autoscaling:groupName" => match &b.group_tag {
+            Some(group) => reply(200, String::new(), group.clone()),
+            None => reply(404, String::new(), String::new()),
+        },
+        "/latest/meta-data/autoscaling/target-lifecycle-state" => match &b.target_lifecycle_state {
+            Some(state) => reply(200, String::new(), state.clone()),
+            None => reply(404, String::new(), String::new()),
+        },
         _ => reply(404, String::new(), String::new()),
     }
 }
