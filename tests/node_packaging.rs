@@ -12,7 +12,8 @@
 //!   (or the aws CLI when one is installed), installs it into a sandbox root,
 //!   writes and checks the config, and says what it would start because
 //!   systemd is not running.
-//! - `examples/iam-policy.json` grants only s3:GetObject under the prefix, and
+//! - `examples/iam-policy.json` grants only s3:GetObject under the prefix
+//!   and the lifecycle-hook actions on one group, and
 //!   `examples/terraform/main.tf` parses (python-hcl2) with the load balancer's
 //!   health check on /healthz, port 9100.
 
@@ -984,7 +985,7 @@ fn strings(value: &Value) -> Vec<String> {
 }
 
 #[test]
-fn iam_policy_allows_only_get_object_under_the_repository_prefix() {
+fn iam_policy_allows_reading_the_repository_and_completing_its_group_s_hooks_only() {
     let text = fs::read_to_string(source("examples/iam-policy.json")).expect("iam-policy.json");
     let policy: Value = serde_json::from_str(&text).expect("iam-policy.json is JSON");
     assert_eq!(policy["Version"], "2012-10-17");
@@ -1002,6 +1003,24 @@ fn iam_policy_allows_only_get_object_under_the_repository_prefix() {
             "unexpected keys (NotAction, NotResource, Principal...): {keys:?}"
         );
         assert_eq!(statement["Effect"], "Allow");
+        if statement["Sid"] == "CompleteItsOwnLifecycleActions" {
+            // The lifecycle hooks: on one group, nothing else (no Describe*).
+            assert_eq!(
+                strings(&statement["Action"]),
+                [
+                    "autoscaling:CompleteLifecycleAction",
+                    "autoscaling:RecordLifecycleActionHeartbeat"
+                ]
+            );
+            for resource in strings(&statement["Resource"]) {
+                assert!(
+                    resource.starts_with("arn:aws:autoscaling:")
+                        && resource.ends_with(":autoScalingGroupName/web-asg"),
+                    "{resource} is not one Auto Scaling group"
+                );
+            }
+            continue;
+        }
         assert_eq!(strings(&statement["Action"]), ["s3:GetObject"]);
         for resource in strings(&statement["Resource"]) {
             let path = resource
@@ -1116,6 +1135,13 @@ fn terraform_parses_and_its_load_balancer_checks_healthz_on_9100() {
         "{policy}"
     );
     assert_eq!(policy.matches("Action").count(), 1, "{policy}");
+    // The lifecycle hooks' policy: on the group itself.
+    let hooks = hcl(&resource(&tf, "aws_iam_role_policy", "lifecycle_hooks")["policy"]);
+    assert!(
+        hooks.contains("Resource = aws_autoscaling_group.nodes.arn"),
+        "{hooks}"
+    );
+    assert!(!hooks.contains("Describe"), "{hooks}");
 
     // The parser does reject what terraform would: the same file, cut short.
     let dir = tempfile::tempdir().expect("tempdir");

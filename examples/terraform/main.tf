@@ -133,6 +133,27 @@ resource "aws_iam_role_policy" "read_repository" {
   })
 }
 
+# Same as the second statement of ../iam-policy.json: the agent's
+# [lifecycle] hooks (README, "Lifecycle hooks") complete the lifecycle
+# actions of this group only. No autoscaling:Describe*: those cannot be
+# scoped to a group, and the agent does not call them.
+resource "aws_iam_role_policy" "lifecycle_hooks" {
+  name = "complete-own-lifecycle-actions"
+  role = aws_iam_role.node.id
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [{
+      Sid    = "CompleteItsOwnLifecycleActions"
+      Effect = "Allow"
+      Action = [
+        "autoscaling:CompleteLifecycleAction",
+        "autoscaling:RecordLifecycleActionHeartbeat",
+      ]
+      Resource = aws_autoscaling_group.nodes.arn
+    }]
+  })
+}
+
 resource "aws_iam_instance_profile" "node" {
   name = "${var.name}-node"
   role = aws_iam_role.node.name
@@ -247,10 +268,13 @@ resource "aws_launch_template" "node" {
   }
 
   # IMDSv2 only: the agent (AWS SDK) and user-data's curl both use tokens.
+  # Instance tags in IMDS: the agent's [lifecycle] finds its group in the
+  # tag aws:autoscaling:groupName when the config names none.
   metadata_options {
     http_endpoint               = "enabled"
     http_tokens                 = "required"
     http_put_response_hop_limit = 1
+    instance_metadata_tags      = "enabled"
   }
 
   # The settings as `export` lines, then ../user-data.sh unchanged (its own
