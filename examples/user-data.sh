@@ -36,7 +36,9 @@
 # (examples/terraform/main.tf) puts `export NAME='value'` lines in front of
 # this file; they may also be edited below.
 #
-#   PULLDEPLOY_REPO_URL     s3://BUCKET/PREFIX of the repository (required)
+#   PULLDEPLOY_REPO_URL     s3://BUCKET/PREFIX of the repository (required;
+#                           or file:///DIR for a repository on a local or
+#                           mounted file system)
 #   PULLDEPLOY_SUITE        suite to follow (default production)
 #   PULLDEPLOY_PACKAGES     packages to run, space-separated (required), e.g.
 #                           "myapp pulldeploy"
@@ -48,6 +50,8 @@
 #   PULLDEPLOY_DEB_SHA256   expected SHA-256 of the .deb (recommended)
 #   PULLDEPLOY_REGION       bucket region (default: the instance's, from IMDS)
 #   PULLDEPLOY_CHECK_URL    the app's health URL for health.check_url (optional)
+#   PULLDEPLOY_HEALTH_LISTEN  health.listen, where /healthz answers (default
+#                           0.0.0.0:9100, the agent's default)
 #
 # For tests and S3-compatible stores (never needed on EC2):
 #   PULLDEPLOY_S3_ENDPOINT  http(s)://HOST:PORT of an S3-compatible server,
@@ -70,6 +74,7 @@ deb_sha256="${PULLDEPLOY_DEB_SHA256:-}"
 region="${PULLDEPLOY_REGION:-}"
 config_region="$region" # only what was set goes to the config (else the agent asks IMDS)
 check_url="${PULLDEPLOY_CHECK_URL:-}"
+health_listen="${PULLDEPLOY_HEALTH_LISTEN:-}"
 endpoint="${PULLDEPLOY_S3_ENDPOINT:-}"
 imds="${AWS_EC2_METADATA_SERVICE_ENDPOINT:-http://169.254.169.254}"
 aws_cli="${PULLDEPLOY_AWS_CLI-aws}"
@@ -85,7 +90,7 @@ die() {
 [ -n "$repo_url" ] || die "PULLDEPLOY_REPO_URL is not set (s3://BUCKET/PREFIX)"
 [ -n "$packages" ] || die "PULLDEPLOY_PACKAGES is not set (e.g. \"myapp pulldeploy\")"
 [ -n "$keyring_b64" ] || die "PULLDEPLOY_KEYRING_B64 is not set (base64 -w0 keyring.asc)"
-case "$repo_url" in s3://?*) ;; *) die "PULLDEPLOY_REPO_URL must be s3://BUCKET[/PREFIX], not $repo_url" ;; esac
+case "$repo_url" in s3://?* | file:///*) ;; *) die "PULLDEPLOY_REPO_URL must be s3://BUCKET[/PREFIX] or file:///DIR, not $repo_url" ;; esac
 [ -n "$deb_url" ] || deb_url="${repo_url%/}/$deb_path"
 
 work="$(mktemp -d)"
@@ -202,7 +207,7 @@ chmod 0644 "$etc/keyring.asc.new"
 mv -f "$etc/keyring.asc.new" "$etc/keyring.asc"
 
 # Values go into TOML strings: no quotes, backslashes or control characters.
-for value in "$repo_url" "$suite" "$endpoint" "$config_region" "$check_url"; do
+for value in "$repo_url" "$suite" "$endpoint" "$config_region" "$check_url" "$health_listen"; do
     case "$value" in *[\"\\]* | *[![:print:]]*) die "refusing to write $value into the config" ;; esac
 done
 toml_list=""
@@ -222,10 +227,11 @@ done
     echo
     echo "[agent]"
     echo "packages = [$toml_list]"
-    if [ -n "$check_url" ]; then
+    if [ -n "$check_url" ] || [ -n "$health_listen" ]; then
         echo
         echo "[health]"
-        echo "check_url = \"$check_url\""
+        [ -z "$check_url" ] || echo "check_url = \"$check_url\""
+        [ -z "$health_listen" ] || echo "listen = \"$health_listen\""
     fi
 } >"$etc/config.toml.new"
 chmod 0644 "$etc/config.toml.new"
