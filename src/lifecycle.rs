@@ -65,6 +65,11 @@
 //!
 //! `[lifecycle]` is read at start; a SIGHUP reload does not change it.
 
+// Without the s3 feature (the fuzz targets' build) there is no Auto
+// Scaling client: the launch decision and the helpers of the requests are
+// then unused.
+#![cfg_attr(not(feature = "s3"), allow(dead_code))]
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -326,14 +331,14 @@ impl Lifecycle {
     /// Starts the hooks `config` names, on tasks of their own.
     pub fn start(config: &Config, health: &Arc<Health>) -> Lifecycle {
         let gate = Arc::new(watch::Sender::new(Gate::default()));
-        let mut lifecycle = Lifecycle {
-            gate: gate.clone(),
+        let idle = |gate| Lifecycle {
+            gate,
             reports: None,
             tasks: Vec::new(),
             held_logged: AtomicBool::new(false),
         };
         let Some(settings) = &config.lifecycle else {
-            return lifecycle;
+            return idle(gate);
         };
         #[cfg(feature = "s3")]
         {
@@ -344,27 +349,30 @@ impl Lifecycle {
                 .agent
                 .interval
                 .clamp(Duration::from_secs(1), HEARTBEAT_MAX);
-            lifecycle.tasks = aws::spawn(aws::Start {
+            let tasks = aws::spawn(aws::Start {
                 settings: settings.clone(),
                 drain: config.health.drain,
                 heartbeat_every,
                 health: health.clone(),
                 metrics: HookMetrics::register(health),
-                gate,
+                gate: gate.clone(),
                 reports: receiver,
             });
-            if settings.launch_hook.is_some() {
-                lifecycle.reports = Some(reports);
+            Lifecycle {
+                gate,
+                reports: settings.launch_hook.is_some().then_some(reports),
+                tasks,
+                held_logged: AtomicBool::new(false),
             }
         }
         #[cfg(not(feature = "s3"))]
         {
-            let _ = (settings, health, gate);
+            let _ = (settings, health);
             tracing::error!(
                 "[lifecycle] is configured, but this pulldeploy was built without the s3 feature (aws-sdk-autoscaling); the hooks are not completed"
             );
+            idle(gate)
         }
-        lifecycle
     }
 
     /// Runs `agent`'s cycle unless the instance is terminating. Shutdown
