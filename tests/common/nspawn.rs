@@ -1,0 +1,321 @@
+//! A Debian booted with systemd as PID 1 in systemd-nspawn, on a throwaway
+//! copy of a cached minimal root (scripts/nspawn-root.sh), for tests that
+//! need a real service manager: Type=notify, the watchdog, stop and restart
+//! jobs, maintainer scripts calling systemctl.
+//!
+//! The container shares the host's network namespace (no
+//! --private-network), so its servers and the test's meet on 127.0.0.1, on
+//! ports the test picked free. Commands run inside through `nsenter` into
+//! all of the container's namespaces. Dropping the [`Container`] powers it
+//! off (killing it if it does not stop) and deletes the copy; the cached
+//! root is never written.
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::cmd::{describe_output, output_with_input};
+
+/// PATH inside the container (Debian's default for root).
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How long a boot may take on a loaded machine, up to `running`.
+const BOOT_LIMIT: Duration = Duration::from_secs(180);
+
+/// Says on the test's output (never captured by the test harness: written to
+/// the process's stderr directly) that `test` did not run, and why.
+pub fn skip(test: &str, reason: &str) {
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "SKIPPED {test}: {reason} (tests/systemd_node.rs needs root, systemd-nspawn and \
+         debootstrap: scripts/deps.sh)"
+    );
+}
+
+/// A booted container. See the module doc.
+pub struct Container {
+    /// The copy's parent directory (deleted on drop); the container's / is `root`.
+    _dir: tempfile::TempDir,
+    pub root: PathBuf,
+    nspawn: Child,
+    /// Host PID of the container's PID 1 (systemd).
+    leader: u32,
+    log: PathBuf,
+}
+
+impl Container {
+    /// Boots a fresh copy of the cached root and waits until systemd is
+    /// `running` with no failed unit. `Err` says why containers cannot run
+    /// here (not root, tools missing, the cached root cannot be built, no
+    /// permission to boot one): the caller skips with [`skip`]. Anything
+    /// else that goes wrong panics.
+    pub fn boot() -> Result<Container, String> {
+        let uid = Command::new("id")
+            .arg("-u")
+            .output()
+            .map_err(|e| format!("cannot run id: {e}"))?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            return Err("not running as root".into());
+        }
+        for (tool, package) in [
+            ("systemd-nspawn", "systemd-container"),
+            ("debootstrap", "debootstrap"),
+            ("nsenter", "util-linux"),
+        ] {
+            let found = Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !found {
+                return Err(format!("{tool} not found (apt-get install {package})"));
+            }
+        }
+        let cached = cached_root()?;
+
+        let dir = tempfile::Builder::new()
+            .prefix("pulldeploy-nspawn-")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir for the container's root");
+        let root = dir.path().join("root");
+        let copy = Command::new("cp")
+            .args(["-a", "--reflink=auto"])
+            .arg(&cached)
+            .arg(&root)
+            .output()
+            .expect("running cp");
+        assert!(
+            copy.status.success(),
+            "copying {} failed\n{}",
+            cached.display(),
+            describe_output(&copy)
+        );
+
+        let log = dir.path().join("nspawn.log");
+        let log_file = fs::File::create(&log).expect("nspawn log");
+        let nspawn = Command::new("systemd-nspawn")
+            .arg("-D")
+            .arg(&root)
+            .args([
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+                "--console=passive",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup nspawn log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("starting systemd-nspawn");
+        let mut container = Container {
+            _dir: dir,
+            root,
+            nspawn,
+            leader: 0,
+            log,
+        };
+        let deadline = Instant::now() + BOOT_LIMIT;
+        while container.leader == 0 {
+            if let Ok(Some(status)) = container.nspawn.try_wait() {
+                let log = fs::read_to_string(&container.log).unwrap_or_default();
+                if log.contains("Operation not permitted") || log.contains("Permission denied") {
+                    return Err(format!(
+                        "systemd-nspawn may not boot a container here:\n{log}"
+                    ));
+                }
+                panic!("systemd-nspawn exited ({status}) before systemd started:\n{log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no systemd in the container after {BOOT_LIMIT:?}:\n{}",
+                container.nspawn_log()
+            );
+            container.leader = child_named(container.nspawn.id(), "systemd").unwrap_or(0);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // `--wait` returns once the boot is over: running, or degraded. Until
+        // systemd has its private socket, systemctl cannot connect at all.
+        let state = loop {
+            let state = container.exec(&["systemctl", "is-system-running", "--wait"]);
+            if !String::from_utf8_lossy(&state.stderr).contains("Failed to connect to bus")
+                || Instant::now() > deadline
+            {
+                break state;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let state_text = String::from_utf8_lossy(&state.stdout).trim().to_string();
+        assert_eq!(
+            state_text,
+            "running",
+            "the container did not boot cleanly\n{}\n{}",
+            describe_output(&container.exec(&["systemctl", "--failed", "--no-pager"])),
+            container.nspawn_log()
+        );
+        Ok(container)
+    }
+
+    /// `path` inside the container, seen from the host (only for what is not
+    /// on a tmpfs of the container: /etc, /var, /srv, /usr, not /run or /tmp).
+    pub fn path(&self, path: &str) -> PathBuf {
+        self.root.join(path.trim_start_matches('/'))
+    }
+
+    /// Runs `args` inside the container as root, with Debian's PATH and
+    /// nothing else from the test's environment.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        self.exec_with_input(args, &[])
+    }
+
+    pub fn exec_with_input(&self, args: &[&str], input: &[u8]) -> Output {
+        output_with_input(
+            Command::new("nsenter")
+                .args(["-t", &self.leader.to_string(), "-a", "--"])
+                .args(args)
+                .env_clear()
+                .env("PATH", PATH)
+                .env("LANG", "C.UTF-8")
+                .env("SYSTEMD_PAGER", "")
+                .env("SYSTEMD_COLORS", "0"),
+            input,
+            &format!("in the container: {}", args.join(" ")),
+        )
+    }
+
+    /// [`Container::exec`] that must succeed.
+    #[track_caller]
+    pub fn run(&self, args: &[&str]) -> Output {
+        let out = self.exec(args);
+        assert!(
+            out.status.success(),
+            "in the container: {} failed\n{}",
+            args.join(" "),
+            describe_output(&out)
+        );
+        out
+    }
+
+    /// stdout of a command that must succeed, trimmed.
+    #[track_caller]
+    pub fn stdout(&self, args: &[&str]) -> String {
+        String::from_utf8_lossy(&self.run(args).stdout)
+            .trim()
+            .to_string()
+    }
+
+    /// One property of a unit (`systemctl show -p NAME --value`).
+    #[track_caller]
+    pub fn show(&self, unit: &str, property: &str) -> String {
+        self.stdout(&["systemctl", "show", "-p", property, "--value", unit])
+    }
+
+    /// The unit's journal since boot.
+    pub fn journal(&self, unit: &str) -> String {
+        let out = self.exec(&[
+            "journalctl",
+            "--no-pager",
+            "-o",
+            "short-monotonic",
+            "-u",
+            unit,
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The installed version of `package`, if dpkg has it fully installed.
+    pub fn installed_version(&self, package: &str) -> Option<String> {
+        let out = self.exec(&["dpkg-query", "-W", "-f", "${Status}|${Version}", package]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (status, version) = text.split_once('|')?;
+        (status == "install ok installed").then(|| version.to_string())
+    }
+
+    fn nspawn_log(&self) -> String {
+        format!(
+            "--- systemd-nspawn ---\n{}",
+            fs::read_to_string(&self.log).unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if self.leader != 0 {
+            let _ = self.exec(&["systemctl", "--no-block", "poweroff"]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.nspawn.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if let Ok(None) = self.nspawn.try_wait() {
+            // Killing a PID namespace's init kills everything in it.
+            if self.leader != 0 {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &self.leader.to_string()])
+                    .status();
+            }
+            let _ = self.nspawn.kill();
+            let _ = self.nspawn.wait();
+        }
+    }
+}
+
+/// The cached root, built by scripts/nspawn-root.sh if this machine has
+/// none (about 5 minutes, once).
+fn cached_root() -> Result<PathBuf, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nspawn-root.sh");
+    let out = Command::new(&script)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} could not build the root file system\n{}",
+            script.display(),
+            describe_output(&out)
+        ));
+    }
+    let root = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !root.join("usr/lib/systemd/systemd").is_file() {
+        panic!(
+            "{} printed {}, which has no systemd",
+            script.display(),
+            root.display()
+        );
+    }
+    Ok(root)
+}
+
+/// The PID of a child of `parent` whose command name is `name`.
+fn child_named(parent: u32, name: &str) -> Option<u32> {
+    for entry in fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...; comm may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let ppid = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) && comm == name {
+            return Some(pid);
+        }
+    }
+    None
+}
