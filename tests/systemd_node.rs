@@ -46,11 +46,12 @@ const BIN: &str = env!("CARGO_BIN_EXE_pulldeploy");
 const UNIT: &str = "pulldeploy.service";
 /// Where the repository is inside the container (`file:///srv/apt`).
 const REPO: &str = "/srv/apt";
-/// The test's drop-in: the watchdog fires after 10 s without a ping (the
-/// agent pings every 5 s), a restart comes 1 s after a failure, a stop may
-/// take 10 s unless the agent asks for more, and no core dumps.
+/// The test's drop-in: the watchdog fires after 20 s without a ping (the
+/// agent pings every 10 s: a loaded machine has 10 s to spare), a restart
+/// comes 1 s after a failure, a stop may take 10 s unless the agent asks for
+/// more, and no core dumps.
 const DROP_IN: &str =
-    "[Service]\nWatchdogSec=10s\nRestartSec=1s\nTimeoutStopSec=10s\nLimitCORE=0\n";
+    "[Service]\nWatchdogSec=20s\nRestartSec=1s\nTimeoutStopSec=10s\nLimitCORE=0\n";
 /// Generous: other builds may be loading the machine.
 const LIMIT: Duration = Duration::from_secs(180);
 /// How long the slow postinst of myapp 1.1 sleeps: well past TimeoutStopSec.
