@@ -28,6 +28,8 @@
 //! - [`daemon`]: interval, jitter, health server, reload, shutdown.
 //! - [`notify`]: systemd readiness and watchdog; [`logging`]: text or JSON.
 //! - [`publish`]: the repository side: publish, promote, refresh (signed, atomic).
+//! - [`webhook`]: notifications to a chat webhook (rollback, halt, failing;
+//!   published, promoted, rollout): a bounded queue, never in the way.
 
 pub mod agent;
 pub mod cli;
@@ -46,3 +48,4 @@ pub mod repo;
 pub mod rollout;
 pub mod source;
 pub mod state;
+pub mod webhook;
