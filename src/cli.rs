@@ -49,6 +49,11 @@ pub enum Command {
     Promote(PromoteArgs),
     /// Sign a suite again with a new Date (and Valid-Until); same content.
     Refresh(RefreshArgs),
+    /// The suite's signed rollout policy: waves, in-flight limit, pause,
+    /// pins. Each change re-signs the suite (atomic, like publish).
+    Rollout(RolloutArgs),
+    /// The fleet of a suite (fleet prefix): status of the nodes, halted versions, leases; unhalt.
+    Fleet(crate::fleet::FleetArgs),
     /// Print a shell completion script (for packaging).
     Completions {
         #[arg(value_enum)]
@@ -94,6 +99,10 @@ pub struct RepoArgs {
     /// How long to wait for another publisher's lock before giving up (exit 75).
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub lock_wait: std::time::Duration,
+    /// Incoming-webhook URL (Slack-compatible) told what the command changed;
+    /// best effort, waited for at most 10 s, never fails the command.
+    #[arg(long, env = "PULLDEPLOY_WEBHOOK", hide_env_values = true, value_parser = crate::webhook::parse_url)]
+    pub webhook: Option<String>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -140,6 +149,100 @@ pub struct RefreshArgs {
     /// The suite to sign again.
     #[arg(long, value_parser = suite)]
     pub suite: String,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RolloutArgs {
+    #[command(subcommand)]
+    pub command: RolloutCommand,
+}
+
+/// The suite a rollout command reads or changes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RolloutTarget {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    #[arg(long, value_parser = suite)]
+    pub suite: String,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum RolloutCommand {
+    /// The policy in force and, per package, the version each wave is on.
+    Show(RolloutTarget),
+    /// Changes the waves and/or the in-flight limit.
+    Set(RolloutSet),
+    /// Stops every node from changing an installed version (health-gate
+    /// rollbacks, pins and fresh nodes still install).
+    Pause(RolloutTarget),
+    /// Lets the rollout continue where the waves are now.
+    Resume(RolloutTarget),
+    /// Every node runs PKG=VER, at once (an older version is a signed fleet
+    /// rollback).
+    Pin {
+        #[command(flatten)]
+        target: RolloutTarget,
+        #[arg(value_name = "PKG=VER", value_parser = pinned_spec)]
+        pin: String,
+    },
+    /// Removes the pin of PKG: the waves decide again.
+    Unpin {
+        #[command(flatten)]
+        target: RolloutTarget,
+        #[arg(value_name = "PKG", value_parser = package_name)]
+        package: String,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RolloutSet {
+    #[command(flatten)]
+    pub target: RolloutTarget,
+    /// Comma-separated SHARE%@DELAY, shares growing to 100%, e.g.
+    /// "5%@0s,25%@10m,100%@30m".
+    #[arg(long, value_parser = waves)]
+    pub waves: Option<Waves>,
+    /// At most N serving nodes between drain and commit at once; "none"
+    /// for no limit.
+    #[arg(long, value_parser = max_in_flight)]
+    pub max_in_flight: Option<MaxInFlight>,
+}
+
+/// `--waves`: one value, a comma-separated list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Waves(pub Vec<crate::rollout::Wave>);
+
+fn waves(text: &str) -> Result<Waves, String> {
+    crate::rollout::parse_waves(text).map(Waves)
+}
+
+/// `--max-in-flight`: a limit, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxInFlight(pub Option<u32>);
+
+fn max_in_flight(text: &str) -> Result<MaxInFlight, String> {
+    if text == "none" {
+        return Ok(MaxInFlight(None));
+    }
+    match text.parse::<u32>() {
+        Ok(0) => Err("must be at least 1 (\"none\" for no limit)".into()),
+        Ok(n) => Ok(MaxInFlight(Some(n))),
+        Err(e) => Err(format!("{e} (a number, or \"none\")")),
+    }
+}
+
+fn pinned_spec(text: &str) -> Result<String, String> {
+    match PackageSpec::parse(text)?.pinned {
+        Some(_) => Ok(text.to_string()),
+        None => Err("name the version: PKG=VER".into()),
+    }
+}
+
+fn package_name(text: &str) -> Result<String, String> {
+    match PackageSpec::parse(text)?.pinned {
+        None => Ok(text.to_string()),
+        Some(_) => Err("a package name, without =VER".into()),
+    }
 }
 
 // ---- value parsers: the names of crate::repo::names, kept as text ---------

@@ -16,9 +16,15 @@ use crate::state::State;
 pub async fn once(config: Config) -> Result<(), Error> {
     let mut state = State::default();
     let health = crate::health::Health::for_config(&config);
-    let agent = Agent::new(config, health).await?;
+    let notifier = crate::webhook::Notifier::for_node(&config, health.webhook_counters());
+    let agent = Agent::new(config, health)
+        .await?
+        .with_notifier(notifier.clone());
     // Nothing cancels `once` but a signal's default action.
-    if let Some(outcome) = agent.cycle(&mut state, std::future::pending()).await {
+    let outcome = agent.cycle(&mut state, std::future::pending()).await;
+    // A rollback's message, before the process ends (at most 10 s).
+    notifier.flush(crate::webhook::CLI_DEADLINE).await;
+    if let Some(outcome) = outcome {
         println!("{}", outcome?);
     }
     Ok(())
@@ -95,6 +101,13 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
     }
     if let Some(e) = &state.last_error {
         let _ = writeln!(out, "last error: {} {}", e.at.to_rfc3339(), e.message);
+    }
+    if let Some(waiting) = &state.waiting {
+        let again = waiting
+            .recheck_at
+            .map(|at| format!(" (looks again at {})", at.to_rfc3339()))
+            .unwrap_or_default();
+        let _ = writeln!(out, "rollout: waiting: {}{again}", waiting.reason);
     }
     if !state.events.is_empty() {
         let _ = writeln!(out, "events (newest first):");

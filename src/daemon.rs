@@ -21,6 +21,7 @@ use crate::agent::{Agent, Outcome, committed_versions};
 use crate::config::Config;
 use crate::error::Error;
 use crate::health::Health;
+use crate::lifecycle::Turn;
 use crate::notify;
 use crate::state::State;
 
@@ -103,12 +104,23 @@ fn spawn_watchdog(
     limit: Duration,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let period = notify::watchdog_period()?;
+    // SIGTERM during an install: the install goes on (module doc), and
+    // systemd is asked for one more period at a time, as long as the loop
+    // is within `limit` (systemd/pulldeploy.service, TimeoutStopSec).
+    let mut stop = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     Some(tokio::spawn(async move {
         let mut ticker = tokio::time::interval(period / 2);
+        let mut stopping = false;
         loop {
-            ticker.tick().await;
+            tokio::select! {
+                _ = ticker.tick() => {}
+                Some(()) = async { stop.as_mut()?.recv().await }, if !stopping => stopping = true,
+            }
             if heartbeat.age() <= limit {
                 notify::notify("WATCHDOG=1");
+                if stopping {
+                    notify::extend_timeout(period);
+                }
             } else {
                 warn!(age = ?heartbeat.age(), "cycle loop made no progress; not feeding the watchdog");
             }
@@ -130,21 +142,36 @@ async fn cycles(
         last: AtomicU64::new(0),
     });
     let watchdog = spawn_watchdog(heartbeat.clone(), stall_limit(&config));
-    let mut agent = Agent::new(config, health.clone()).await?;
+    let notifier = crate::webhook::Notifier::for_node(&config, health.webhook_counters());
+    let mut agent = Agent::new(config, health.clone())
+        .await?
+        .with_notifier(notifier);
+    // Across reloads: a new config does not restart a failing streak.
+    let mut failing = crate::webhook::FailingStreak::default();
     // Read without the lock, for /healthz until the first cycle; every
     // cycle reads it again under the lock when another process changed it.
     let mut state = State::load(&agent.config().state_path())?;
     health.update(|s| s.installed = committed_versions(&state));
     notify::notify("READY=1");
+    let lifecycle = crate::lifecycle::Lifecycle::start(agent.config(), health);
 
     loop {
         heartbeat.beat();
+        notify::status("polling the repository");
         let started = Instant::now();
         // Shutdown cancels the cycle while it waits for the state lock or
         // reads the repository; a started install goes to its end (see the
         // module doc).
-        let Some(result) = agent.cycle(&mut state, &mut shutdown).await else {
-            break;
+        // So does the instance's termination (lifecycle hooks), after which
+        // no cycle runs.
+        let result = match lifecycle.cycle(&agent, &mut state, &mut shutdown).await {
+            Turn::Done(result) => result,
+            Turn::Shutdown => break,
+            Turn::Held => tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                () = tokio::time::sleep(agent.config().agent.interval) => continue,
+            },
         };
         heartbeat.beat();
         match &result {
@@ -171,9 +198,18 @@ async fn cycles(
             release_valid_until: state.release.as_ref().and_then(|r| r.valid_until),
             signing_key_expiry: key_expiry,
         });
+        lifecycle.cycle_done(&result);
+        failing.record(&result, &committed_versions(&state), agent.notifier());
 
         let interval = agent.config().agent.interval;
         let delay = interval + random_up_to(agent.config().agent.jitter);
+        notify::status(&match &result {
+            Ok(outcome) => format!("idle: {outcome}; next poll in {}s", delay.as_secs()),
+            Err(e) => format!(
+                "idle: last cycle failed: {e}; next poll in {}s",
+                delay.as_secs()
+            ),
+        });
         tokio::select! {
             biased;
             () = &mut shutdown => break,
@@ -209,7 +245,10 @@ async fn reload(
     if config.health.listen != listen {
         warn!(old = %listen, new = %config.health.listen, "health.listen changes only at a restart");
     }
-    let agent = Agent::new(config, health.clone()).await?;
+    let notifier = crate::webhook::Notifier::for_node(&config, health.webhook_counters());
+    let agent = Agent::new(config, health.clone())
+        .await?
+        .with_notifier(notifier);
     health.reconfigure(agent.config());
     Ok(agent)
 }

@@ -44,6 +44,8 @@ pub enum Error {
     /// `Result<_, Error>` of the agent would otherwise grow with them.
     #[error(transparent)]
     Publish(Box<PublishError>),
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
     #[error(
         "cycle deadline of {limit:?} passed before the repository was read; retried next cycle"
     )]
@@ -90,6 +92,7 @@ impl Error {
             | Error::Signals { .. }
             | Error::Output { .. } => exit::IOERR,
             Error::Publish(e) => e.exit_code(),
+            Error::Fleet(e) => e.exit_code(),
         }
     }
 }
@@ -255,6 +258,8 @@ pub enum VerifyError {
     Decompress { url: String, reason: String },
     #[error("{url}: cannot parse Packages: {reason}")]
     PackagesParse { url: String, reason: String },
+    #[error("{url}: rollout policy refused: {reason}")]
+    RolloutPolicy { url: String, reason: String },
     #[error("package {package}: not in {url}")]
     PackageMissing { package: String, url: String },
     #[error("package {package}: pinned version {version} is not in {url}")]
@@ -441,6 +446,10 @@ pub enum PublishError {
     StoreRead { url: String, message: String },
     #[error("writing {url} failed: {message}")]
     StoreWrite { url: String, message: String },
+    /// The store answered 403 (S3 AccessDenied): no permission for this
+    /// request (or, for a read without s3:ListBucket, no such key).
+    #[error("{url}: access denied ({message})")]
+    StoreDenied { url: String, message: String },
     #[error("no AWS region for the repository: pass --region or set AWS_REGION")]
     NoRegion,
     #[error(
@@ -505,7 +514,9 @@ impl PublishError {
             | PublishError::NotInSuite { .. }
             | PublishError::NothingToRefresh { .. }
             | PublishError::IndexTooLarge { .. } => exit::DATAERR,
-            PublishError::StoreRead { .. } | PublishError::StoreWrite { .. } => exit::UNAVAILABLE,
+            PublishError::StoreRead { .. }
+            | PublishError::StoreWrite { .. }
+            | PublishError::StoreDenied { .. } => exit::UNAVAILABLE,
             PublishError::ReadDeb { .. }
             | PublishError::Sign { .. }
             | PublishError::ClockBehind { .. } => exit::IOERR,

@@ -26,10 +26,14 @@
 //!   from its parts (source, installer, keyring, clock); the repository
 //!   half (`fetch`), the pure plan (`plan`), the install half (`txn`).
 //! - [`daemon`]: interval, jitter, health server, reload, shutdown.
+//! - [`lifecycle`]: EC2 Auto Scaling lifecycle hooks: CONTINUE or ABANDON
+//!   the launch, drain and CONTINUE the termination.
 //! - [`notify`]: systemd readiness and watchdog; [`logging`]: text or JSON.
 //! - [`publish`]: the repository side: publish, promote, refresh (signed, atomic).
 //! - [`webhook`]: notifications to a chat webhook (rollback, halt, failing;
 //!   published, promoted, rollout): a bounded queue, never in the way.
+//! - [`fleet`]: coordination through the fleet prefix: in-flight leases, halt
+//!   markers, node reports, and the `fleet status`/`unhalt` commands.
 
 pub mod agent;
 pub mod cli;
@@ -38,9 +42,11 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod fleet;
 pub mod health;
 pub mod install;
 pub mod keyring;
+pub mod lifecycle;
 pub mod logging;
 pub mod notify;
 pub mod publish;

@@ -7,7 +7,7 @@ use clap::Parser;
 use pulldeploy::cli::{Cli, Command};
 use pulldeploy::config::Config;
 use pulldeploy::error::{Error, exit};
-use pulldeploy::{commands, daemon, publish};
+use pulldeploy::{commands, daemon, fleet, publish};
 
 fn main() -> ExitCode {
     // Bad usage is EX_USAGE (64), as documented, not clap's own 2; --help
@@ -47,6 +47,10 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Publish(args) => return runtime()?.block_on(publish::publish(args.clone())),
         Command::Promote(args) => return runtime()?.block_on(publish::promote(args.clone())),
         Command::Refresh(args) => return runtime()?.block_on(publish::refresh(args.clone())),
+        Command::Rollout(args) => {
+            return runtime()?.block_on(publish::rollout::rollout(args.clone()));
+        }
+        Command::Fleet(args) => return runtime()?.block_on(fleet::run(args.clone())),
         Command::Completions { shell } => return commands::completions(*shell),
         Command::Manpage => return commands::manpage(),
     };

@@ -46,6 +46,20 @@ pub struct State {
     /// The latest installs, rollbacks and failures, oldest first.
     #[serde(default)]
     pub events: Vec<Event>,
+    /// What the rollout holds back, if anything: the repository is read
+    /// again at `recheck_at` even when it has not changed (`None`: only
+    /// when it changes, as for a paused rollout).
+    #[serde(default)]
+    pub waiting: Option<Waiting>,
+}
+
+/// An install the rollout holds back (a later wave, no free in-flight
+/// lease, a halted version).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Waiting {
+    pub reason: String,
+    pub recheck_at: Option<DateTime<Utc>>,
 }
 
 /// How many events state.json keeps.
@@ -152,6 +166,8 @@ pub enum PollOutcome {
     UpToDate,
     /// Something was installed; what, in words.
     Installed(String),
+    /// Nothing was installed because the rollout holds it back; why.
+    Waiting(String),
 }
 
 impl std::fmt::Display for PollOutcome {
@@ -160,6 +176,7 @@ impl std::fmt::Display for PollOutcome {
             PollOutcome::Unchanged => f.write_str("unchanged"),
             PollOutcome::UpToDate => f.write_str("up to date"),
             PollOutcome::Installed(what) => f.write_str(what),
+            PollOutcome::Waiting(why) => write!(f, "waiting: {why}"),
         }
     }
 }
@@ -169,7 +186,10 @@ impl From<String> for PollOutcome {
         match text.as_str() {
             "unchanged" => PollOutcome::Unchanged,
             "up to date" => PollOutcome::UpToDate,
-            _ => PollOutcome::Installed(text),
+            _ => match text.strip_prefix("waiting: ") {
+                Some(why) => PollOutcome::Waiting(why.to_string()),
+                None => PollOutcome::Installed(text),
+            },
         }
     }
 }

@@ -12,9 +12,10 @@ use tracing::{debug, info};
 use super::Agent;
 use crate::error::{Error, InstallError, SourceError, VerifyError};
 use crate::keyring::Verified;
-use crate::repo::digest::{Expected, HashingReader, StreamDigest};
+use crate::repo::digest::{Expected, HashingReader, Mismatch, StreamDigest, StreamError};
 use crate::repo::packages::{self, Candidate, PackagesError, same_version};
 use crate::repo::release::{self, Compression, Freshness, IndexFile, Release, Stale};
+use crate::rollout::{self, Policy};
 use crate::source::{self, Fetched};
 use crate::state::{InstalledPackage, ReleaseFile, State};
 
@@ -35,6 +36,12 @@ impl Agent {
         let Some(accepted) = &state.release else {
             return false;
         };
+        if let Some(waiting) = &state.waiting
+            && waiting.recheck_at.is_some_and(|at| at <= self.clock.now())
+        {
+            debug!(reason = %waiting.reason, "time to look at the rollout again");
+            return false;
+        }
         if accepted.packages != self.package_specs() {
             info!("agent.packages changed; fetching the full repository");
             return false;
@@ -300,6 +307,86 @@ impl Agent {
             reason: format!("parser task failed: {e}"),
         })?;
         result.map_err(Error::from)
+    }
+
+    /// The suite's rollout policy when its Release lists one: fetched by
+    /// hash when the Release offers it, checked against Release (size and
+    /// SHA256, cut at the declared size) and parsed. A listed policy that is
+    /// missing, does not match or does not parse fails the cycle: a node
+    /// must not guess at the operator's intent.
+    pub(super) async fn fetch_policy(&self, release: &Release) -> Result<Option<Policy>, Error> {
+        let Some((path, expected)) = release.sha256.iter().find(|(p, _)| p == rollout::FILE) else {
+            return Ok(None);
+        };
+        let file = IndexFile {
+            path: path.clone(),
+            compression: Compression::None,
+            expected: expected.clone(),
+        };
+        let canonical_url = self.source.url(&self.dists(path));
+        if expected.size > rollout::MAX_BYTES {
+            return Err(SourceError::TooLarge {
+                url: canonical_url,
+                limit: rollout::MAX_BYTES,
+            }
+            .into());
+        }
+        let mut paths = Vec::new();
+        if release.acquire_by_hash {
+            paths.push(self.dists(&file.by_hash_path()));
+        }
+        paths.push(self.dists(path));
+        for candidate in &paths {
+            let url = self.source.url(candidate);
+            let body = match self.source.get(candidate, None).await {
+                Ok(Fetched::Object(object)) => object.body,
+                Ok(Fetched::NotModified) => continue,
+                Err(e) if e.is_not_found() && candidate != paths.last().unwrap_or(candidate) => {
+                    debug!(%url, "by-hash rollout policy missing; trying the canonical path");
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let mut bytes = Vec::new();
+            let digest = source::HashingBody::new(body, StreamDigest::new(expected.size))
+                .copy_to(&mut bytes)
+                .await
+                .map_err(|e| match e {
+                    StreamError::Overflow(_) => Error::from(VerifyError::TooLong {
+                        url: url.clone(),
+                        expected: expected.size,
+                    }),
+                    other => Error::from(SourceError::Unavailable {
+                        url: url.clone(),
+                        message: other.to_string(),
+                    }),
+                })?;
+            digest.verify(expected).map_err(|m| {
+                let what = match m {
+                    Mismatch::Size { expected, actual } => {
+                        format!("{actual} bytes, the signed Release says {expected}")
+                    }
+                    Mismatch::Sha256 { expected, actual } => {
+                        format!("SHA256 {actual}, the signed Release says {expected}")
+                    }
+                };
+                VerifyError::RolloutPolicy {
+                    url: url.clone(),
+                    reason: format!(
+                        "{} does not match the signed Release: {what}",
+                        rollout::FILE
+                    ),
+                }
+            })?;
+            let text = String::from_utf8(bytes).map_err(|_| VerifyError::RolloutPolicy {
+                url: url.clone(),
+                reason: "not UTF-8".into(),
+            })?;
+            let policy = Policy::parse(&text)
+                .map_err(|reason| VerifyError::RolloutPolicy { url, reason })?;
+            return Ok(Some(policy));
+        }
+        Err(SourceError::NotFound { url: canonical_url }.into())
     }
 
     /// The verified .deb for `candidate` in the cache: reused when a file

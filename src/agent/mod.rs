@@ -14,6 +14,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use tracing::{debug, info, warn};
@@ -21,16 +22,19 @@ use tracing::{debug, info, warn};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::error::{Error, InstallError, StateError, VerifyError};
+use crate::fleet::Fleet;
 use crate::health::Health;
 use crate::install::{Dpkg, DpkgStatus, Installer};
 use crate::keyring::Keyring;
 use crate::repo::release::{self};
+use crate::rollout::Policy;
 use crate::source::{self, Source};
 use crate::state::{
     AcceptedRelease, Event, FileStamp, InstalledPackage, LOCK_WAIT, Poll, PollOutcome, State,
-    StateLock,
+    StateLock, Waiting,
 };
 
+mod coordinate;
 mod fetch;
 pub mod plan;
 #[cfg(test)]
@@ -66,6 +70,17 @@ pub struct Agent {
     /// Whether temp files left by a killed write were swept (once per
     /// process, under the lock).
     swept: AtomicBool,
+    /// Tells the team about rollbacks (`[notify]`); disabled unless
+    /// [`Agent::with_notifier`] gave one.
+    notifier: crate::webhook::Notifier,
+    /// The fleet prefix (`[fleet] url`): leases, halt markers, reports.
+    fleet: Option<Arc<Fleet>>,
+    /// Resolved when first needed (see [`Agent::node_id`]).
+    node_id: tokio::sync::OnceCell<String>,
+    /// (position, wave) in the current policy's waves, once known.
+    wave: Mutex<(Option<f64>, Option<usize>)>,
+    /// The last report written, and when.
+    last_report: Mutex<Option<(Instant, Vec<u8>)>>,
 }
 
 /// What a cycle did.
@@ -78,6 +93,9 @@ pub enum Outcome {
     UpToDate,
     /// These packages were installed, found healthy and committed.
     Installed(Vec<Change>),
+    /// Nothing was installed: the rollout holds it back (a later wave, no
+    /// free in-flight lease, a halted version); why.
+    Waiting(String),
 }
 
 /// One package moved from one version to another.
@@ -96,6 +114,7 @@ impl Outcome {
             Outcome::Unchanged => PollOutcome::Unchanged,
             Outcome::UpToDate => PollOutcome::UpToDate,
             Outcome::Installed(_) => PollOutcome::Installed(self.to_string()),
+            Outcome::Waiting(why) => PollOutcome::Waiting(why.clone()),
         }
     }
 }
@@ -113,6 +132,7 @@ impl std::fmt::Display for Outcome {
                     .collect();
                 f.write_str(&items.join(", "))
             }
+            Outcome::Waiting(why) => write!(f, "waiting: {why}"),
         }
     }
 }
@@ -121,6 +141,10 @@ impl std::fmt::Display for Outcome {
 pub struct Plan {
     release: AcceptedRelease,
     installs: Vec<PlannedInstall>,
+    /// The suite's signed rollout policy, when it has one.
+    policy: Option<Policy>,
+    /// What the rollout holds back.
+    waiting: Option<Waiting>,
 }
 
 struct PlannedInstall {
@@ -145,7 +169,24 @@ impl Agent {
         crate::state::ensure_dir(&config.agent.cache_dir.join(CACHE_SUBDIR))?;
         let source = source::from_config(&config).await?;
         let installer = Box::new(Dpkg::new(&config.install.root));
-        Ok(Agent::from_parts(
+        let fleet = match &config.fleet.url {
+            Some(url) => {
+                let node_id =
+                    crate::fleet::resolve_node_id(config.fleet.node_id.as_deref()).await?;
+                Some(
+                    Fleet::open(
+                        url,
+                        config.repository.endpoint.as_deref(),
+                        config.repository.region.as_deref(),
+                        &config.repository.suite,
+                        &node_id,
+                    )
+                    .await?,
+                )
+            }
+            None => None,
+        };
+        let agent = Agent::from_parts(
             config,
             architecture,
             source,
@@ -153,7 +194,11 @@ impl Agent {
             keyring,
             Box::new(SystemClock),
             health,
-        ))
+        );
+        Ok(match fleet {
+            Some(fleet) => agent.with_fleet(fleet),
+            None => agent,
+        })
     }
 
     /// An agent built from its parts, so that tests can hand in a fake
@@ -179,7 +224,31 @@ impl Agent {
             agreed_status: Mutex::new(None),
             state_stamp: Mutex::new(None),
             swept: AtomicBool::new(false),
+            notifier: crate::webhook::Notifier::disabled(),
+            fleet: None,
+            node_id: tokio::sync::OnceCell::new(),
+            wave: Mutex::new((None, None)),
+            last_report: Mutex::new(None),
         }
+    }
+
+    /// The same agent coordinating through `fleet` (leases, halt markers,
+    /// reports); its node id is the fleet's.
+    pub fn with_fleet(mut self, fleet: Fleet) -> Agent {
+        self.node_id = tokio::sync::OnceCell::new_with(Some(fleet.node_id().to_string()));
+        self.fleet = Some(Arc::new(fleet));
+        self
+    }
+
+    /// The agent, telling `notifier` about rollbacks.
+    pub fn with_notifier(mut self, notifier: crate::webhook::Notifier) -> Agent {
+        self.notifier = notifier;
+        self
+    }
+
+    /// Where the agent's events go (the daemon adds its failing streaks).
+    pub fn notifier(&self) -> &crate::webhook::Notifier {
+        &self.notifier
     }
 
     pub fn config(&self) -> &Config {
@@ -264,8 +333,15 @@ impl Agent {
             return Some(Err(e));
         }
         let limit = self.config.agent.cycle_timeout;
-        let result = if state.pending.is_some() {
-            self.resume(state).await
+        let result = if let Some(pending) = &state.pending {
+            let attempted: Vec<(String, String)> = pending
+                .packages
+                .iter()
+                .map(|p| (p.name.clone(), p.to.version.clone()))
+                .collect();
+            let result = self.resume(state).await;
+            self.after_install(&attempted, None, state, &result).await;
+            result
         } else {
             let prepared = tokio::select! {
                 biased;
@@ -276,7 +352,20 @@ impl Agent {
                 Err(_elapsed) => Err(Error::CycleDeadline { limit }),
                 Ok(Err(e)) => Err(e),
                 Ok(Ok(None)) => Ok(Outcome::Unchanged),
-                Ok(Ok(Some(plan))) => self.apply(plan, state).await,
+                Ok(Ok(Some(mut plan))) => match self.coordinate(&mut plan, state).await {
+                    Err(e) => Err(e),
+                    Ok(lease) => {
+                        let attempted: Vec<(String, String)> = plan
+                            .installs
+                            .iter()
+                            .map(|i| (i.name.clone(), i.to.clone()))
+                            .collect();
+                        state.waiting = plan.waiting.take();
+                        let result = self.apply(plan, state).await;
+                        self.after_install(&attempted, lease, state, &result).await;
+                        result
+                    }
+                },
             }
         };
         let recorded = self.record(state, &result);
@@ -291,6 +380,8 @@ impl Agent {
                 return Some(Err(e));
             }
         }
+        let outcome = result.as_ref().ok().map(ToString::to_string);
+        self.report(state, outcome.as_deref()).await;
         Some(result)
     }
 
@@ -381,15 +472,60 @@ impl Agent {
             })?;
         let mut candidates = self.fetch_candidates(&release, &index).await?;
         plan::drop_bad(&mut candidates, state);
+        let policy = self.fetch_policy(&release).await?;
         let dpkg = self.dpkg_status()?;
+        let now = self.clock.now();
+        let held = match &policy {
+            Some(policy) => {
+                let wave = self.wave_of(policy).await;
+                let rollout = plan::Rollout { policy, wave, now };
+                Some(plan::apply_policy(
+                    &mut candidates,
+                    &self.config.agent.packages,
+                    &dpkg,
+                    rollout,
+                ))
+            }
+            None => None,
+        };
+        let specs = held
+            .as_ref()
+            .map_or(&self.config.agent.packages[..], |held| &held.specs[..]);
         let index_url = self.source.url(&self.dists(&index.path));
-        let choices = plan::choose(
-            &candidates,
-            &self.config.agent.packages,
-            &dpkg,
-            state,
-            &index_url,
-        )?;
+        let mut choices = plan::choose(&candidates, specs, &dpkg, state, &index_url)?;
+        let mut waiting = None;
+        let waits_for_wave = held.as_ref().is_some_and(|h| h.next_release.is_some());
+        if let Some(held) = held {
+            choices.stay.extend(held.stay);
+            let mut reasons = Vec::new();
+            for (package, stay) in &choices.stay {
+                match stay {
+                    Stay::WaitingForWave { version, at } => reasons.push(format!(
+                        "wave: {package} {version} reaches this node's wave at {}",
+                        at.to_rfc3339()
+                    )),
+                    Stay::Paused => reasons.push(format!("paused: {package} stays as it is")),
+                    _ => {}
+                }
+            }
+            if reasons.is_empty()
+                && let Some(at) = held.next_release
+            {
+                reasons.push(format!(
+                    "wave: a newer version reaches this node's wave at {}",
+                    at.to_rfc3339()
+                ));
+            }
+            if !reasons.is_empty() {
+                waiting = Some(Waiting {
+                    reason: reasons.join("; "),
+                    recheck_at: held.next_release,
+                });
+            }
+        }
+        self.health
+            .rollout_gauges()
+            .set_waiting_for_wave(waits_for_wave);
         for (package, stay) in &choices.stay {
             match stay {
                 Stay::Current => {}
@@ -402,6 +538,10 @@ impl Agent {
                 Stay::PinnedBad { version } => {
                     warn!(%package, %version, "the pinned version is marked bad; staying")
                 }
+                Stay::WaitingForWave { version, at } => {
+                    info!(%package, %version, at = %at.to_rfc3339(), "waiting for this node's wave")
+                }
+                Stay::Paused => info!(%package, "the rollout is paused; staying"),
             }
         }
         let chosen = choices.install;
@@ -443,6 +583,8 @@ impl Agent {
                 accepted_at: self.clock.now(),
             },
             installs,
+            policy,
+            waiting,
         }))
     }
 
@@ -469,6 +611,19 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// This node's wave in `policy` (and its position, for reports and
+    /// /metrics). With one wave the node id is not needed.
+    async fn wave_of(&self, policy: &Policy) -> usize {
+        if policy.waves.len() == 1 && self.fleet.is_none() {
+            return 0;
+        }
+        let position = crate::rollout::position(self.node_id().await);
+        let wave = policy.wave_of(position);
+        *self.wave.lock().unwrap_or_else(|e| e.into_inner()) = (Some(position), Some(wave));
+        self.health.rollout_gauges().set_wave(position, wave);
+        wave
     }
 
     pub(super) fn package_specs(&self) -> Vec<String> {

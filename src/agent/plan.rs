@@ -3,11 +3,14 @@
 //! failed before), and whether the node can take it (`Depends`, space).
 //! Pure: no I/O and no clock, so every rule is unit-tested here.
 
+use chrono::{DateTime, Utc};
+
 use crate::config::PackageSpec;
 use crate::error::{InstallError, VerifyError};
 use crate::install::DpkgStatus;
 use crate::repo::depends;
 use crate::repo::packages::{self, Candidate, SelectError, Selection};
+use crate::rollout::Policy;
 use crate::state::State;
 
 /// One package to install.
@@ -29,6 +32,108 @@ pub enum Stay {
     OnlyBadPublished,
     /// The pinned version failed here before.
     PinnedBad { version: String },
+    /// The rollout policy holds this node's wave back from `version`
+    /// until `at`; nothing older is released to it either.
+    WaitingForWave { version: String, at: DateTime<Utc> },
+    /// The rollout is paused: the installed version stays.
+    Paused,
+}
+
+/// Where a node stands in a suite's rollout.
+#[derive(Debug, Clone, Copy)]
+pub struct Rollout<'a> {
+    pub policy: &'a Policy,
+    /// The node's wave (index into `policy.waves`).
+    pub wave: usize,
+    pub now: DateTime<Utc>,
+}
+
+/// The configured packages as the rollout policy lets this node have them.
+#[derive(Debug, Default, PartialEq)]
+pub struct Held {
+    /// The specs to choose for: a fleet pin becomes a pin; packages held
+    /// back entirely are left out.
+    pub specs: Vec<PackageSpec>,
+    /// Packages held back entirely, and why.
+    pub stay: Vec<(String, Stay)>,
+    /// The earliest time a version now held back from this node is
+    /// released to its wave: when to read the repository again even if it
+    /// has not changed.
+    pub next_release: Option<DateTime<Utc>>,
+}
+
+/// Applies the signed rollout policy to the node's package specs and the
+/// candidates (bad versions already dropped):
+///
+/// - a pin in the node's own config wins over the policy;
+/// - a fleet pin becomes the spec's pin, whatever the waves or `paused`;
+/// - `paused`: a package the node has installed stays as it is;
+/// - otherwise the versions not yet released to the node's wave are
+///   removed from the candidates; a package left with none waits.
+pub fn apply_policy(
+    candidates: &mut Vec<Candidate>,
+    specs: &[PackageSpec],
+    installed: &DpkgStatus,
+    rollout: Rollout,
+) -> Held {
+    let mut held = Held::default();
+    for spec in specs {
+        if spec.pinned.is_some() {
+            held.specs.push(spec.clone());
+            continue;
+        }
+        if let Some(version) = rollout.policy.pin(&spec.name) {
+            held.specs.push(PackageSpec {
+                name: spec.name.clone(),
+                pinned: Some(version.to_string()),
+            });
+            continue;
+        }
+        if rollout.policy.paused && installed.version(&spec.name).is_some() {
+            held.stay.push((spec.name.clone(), Stay::Paused));
+            continue;
+        }
+        let mut newest_held: Option<(&Candidate, DateTime<Utc>)> = None;
+        let mut kept = 0;
+        for candidate in candidates.iter().filter(|c| c.name == spec.name) {
+            let version = candidate.version.to_string();
+            match rollout
+                .policy
+                .released_at(&spec.name, &version, rollout.wave)
+            {
+                Some(at) if at > rollout.now => {
+                    held.next_release = Some(held.next_release.map_or(at, |next| next.min(at)));
+                    if newest_held.is_none_or(|(c, _)| candidate.version > c.version) {
+                        newest_held = Some((candidate, at));
+                    }
+                }
+                _ => kept += 1,
+            }
+        }
+        if let Some((candidate, at)) = newest_held
+            && kept == 0
+        {
+            held.stay.push((
+                spec.name.clone(),
+                Stay::WaitingForWave {
+                    version: candidate.version.to_string(),
+                    at,
+                },
+            ));
+        } else {
+            held.specs.push(spec.clone());
+        }
+    }
+    candidates.retain(|c| {
+        held.specs
+            .iter()
+            .any(|s| s.name == c.name && s.pinned.is_some())
+            || rollout
+                .policy
+                .released_at(&c.name, &c.version.to_string(), rollout.wave)
+                .is_none_or(|at| at <= rollout.now)
+    });
+    held
 }
 
 /// The decisions for every configured package.
@@ -311,5 +416,192 @@ mod tests {
             space_needed(&plan),
             (1000 + 100 + (16 << 20), 10240 + 1024 + (16 << 20))
         );
+    }
+
+    // ---- the rollout policy ----------------------------------------------
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    /// Waves 10%@0s, 50%@10m, 100%@20m; myapp 1.0 started long ago, 1.1
+    /// at 05:00.
+    fn waves_policy() -> Policy {
+        let mut policy = Policy {
+            waves: crate::rollout::parse_waves("10%@0s,50%@10m,100%@20m").unwrap(),
+            ..Policy::default()
+        };
+        policy.stamp("myapp", "1.0", at("2026-11-29T00:00:00Z"));
+        policy.stamp("myapp", "1.1", at("2026-11-30T05:00:00Z"));
+        policy
+    }
+
+    /// What the policy held, the versions chosen, why the others stay.
+    type HeldChoice = (Held, Vec<(String, String)>, Vec<(String, Stay)>);
+
+    fn held_choice(
+        policy: &Policy,
+        wave: usize,
+        now: &str,
+        installed: &[(&str, &str)],
+        spec_texts: &[&str],
+    ) -> HeldChoice {
+        let mut index = vec![candidate("myapp", "1.0"), candidate("myapp", "1.1")];
+        let dpkg = DpkgStatus::with_versions(installed.iter().copied());
+        let rollout = Rollout {
+            policy,
+            wave,
+            now: at(now),
+        };
+        let held = apply_policy(&mut index, &specs(spec_texts), &dpkg, rollout);
+        let choices = choose(&index, &held.specs, &dpkg, &State::default(), "u").unwrap();
+        let chosen = chosen_versions(&choices);
+        let mut stay = choices.stay;
+        stay.extend(held.stay.clone());
+        (held, chosen, stay)
+    }
+
+    #[test]
+    fn each_wave_gets_a_version_at_its_own_time() {
+        let policy = waves_policy();
+        let installed = [("myapp", "1.0")];
+        // 05:05: wave 1 (delay 0) has 1.1; waves 2 and 3 stay on 1.0.
+        let (held, chosen, _) =
+            held_choice(&policy, 0, "2026-11-30T05:05:00Z", &installed, &["myapp"]);
+        assert_eq!(chosen, [("myapp".into(), "1.1".into())]);
+        assert_eq!(held.next_release, None);
+        let (held, chosen, stay) =
+            held_choice(&policy, 1, "2026-11-30T05:05:00Z", &installed, &["myapp"]);
+        assert!(chosen.is_empty());
+        assert_eq!(stay, [("myapp".into(), Stay::Current)]);
+        assert_eq!(held.next_release, Some(at("2026-11-30T05:10:00Z")));
+        // 05:10 exactly: wave 2's time has come.
+        let (_, chosen, _) =
+            held_choice(&policy, 1, "2026-11-30T05:10:00Z", &installed, &["myapp"]);
+        assert_eq!(chosen, [("myapp".into(), "1.1".into())]);
+        let (held, chosen, _) =
+            held_choice(&policy, 2, "2026-11-30T05:19:59Z", &installed, &["myapp"]);
+        assert!(chosen.is_empty());
+        assert_eq!(held.next_release, Some(at("2026-11-30T05:20:00Z")));
+    }
+
+    #[test]
+    fn a_fresh_node_installs_what_its_wave_has_not_the_newest() {
+        let policy = waves_policy();
+        let (_, chosen, _) = held_choice(&policy, 2, "2026-11-30T05:05:00Z", &[], &["myapp"]);
+        assert_eq!(chosen, [("myapp".into(), "1.0".into())]);
+        // Only 1.1 published, and not yet for this wave: it waits.
+        let mut only_new = Policy {
+            waves: policy.waves.clone(),
+            ..Policy::default()
+        };
+        only_new.stamp("myapp", "1.1", at("2026-11-30T05:00:00Z"));
+        let mut index = vec![candidate("myapp", "1.1")];
+        let held = apply_policy(
+            &mut index,
+            &specs(&["myapp"]),
+            &DpkgStatus::with_versions([]),
+            Rollout {
+                policy: &only_new,
+                wave: 2,
+                now: at("2026-11-30T05:05:00Z"),
+            },
+        );
+        assert!(held.specs.is_empty());
+        assert_eq!(
+            held.stay,
+            [(
+                "myapp".into(),
+                Stay::WaitingForWave {
+                    version: "1.1".into(),
+                    at: at("2026-11-30T05:20:00Z")
+                }
+            )]
+        );
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn paused_holds_installed_packages_but_not_fresh_nodes_or_pins() {
+        let mut policy = waves_policy();
+        policy.paused = true;
+        let (_, chosen, stay) = held_choice(
+            &policy,
+            0,
+            "2026-11-30T06:00:00Z",
+            &[("myapp", "1.0")],
+            &["myapp"],
+        );
+        assert!(chosen.is_empty());
+        assert_eq!(stay, [("myapp".into(), Stay::Paused)]);
+        let (_, chosen, _) = held_choice(&policy, 0, "2026-11-30T06:00:00Z", &[], &["myapp"]);
+        assert_eq!(chosen, [("myapp".into(), "1.1".into())]);
+        policy.pins.insert("myapp".into(), "1.0".into());
+        let (_, chosen, _) = held_choice(
+            &policy,
+            0,
+            "2026-11-30T06:00:00Z",
+            &[("myapp", "1.1")],
+            &["myapp"],
+        );
+        assert_eq!(
+            chosen,
+            [("myapp".into(), "1.0".into())],
+            "a pin is a rollback, paused or not"
+        );
+    }
+
+    #[test]
+    fn a_fleet_pin_ignores_waves_and_a_local_pin_wins() {
+        let mut policy = waves_policy();
+        policy.pins.insert("myapp".into(), "1.1".into());
+        // Wave 3 at 05:01 would wait for 1.1; the pin installs it now.
+        let (held, chosen, _) = held_choice(
+            &policy,
+            2,
+            "2026-11-30T05:01:00Z",
+            &[("myapp", "1.0")],
+            &["myapp"],
+        );
+        assert_eq!(chosen, [("myapp".into(), "1.1".into())]);
+        assert_eq!(held.next_release, None);
+        // Pinned back to 1.0: a downgrade, signed.
+        policy.pins.insert("myapp".into(), "1.0".into());
+        let (_, chosen, _) = held_choice(
+            &policy,
+            0,
+            "2026-11-30T06:00:00Z",
+            &[("myapp", "1.1")],
+            &["myapp"],
+        );
+        assert_eq!(chosen, [("myapp".into(), "1.0".into())]);
+        // The node's own pin wins over the fleet's.
+        let (_, chosen, _) = held_choice(
+            &policy,
+            0,
+            "2026-11-30T06:00:00Z",
+            &[("myapp", "1.0")],
+            &["myapp=1.1"],
+        );
+        assert_eq!(chosen, [("myapp".into(), "1.1".into())]);
+    }
+
+    #[test]
+    fn a_version_without_a_start_time_is_not_held() {
+        let policy = Policy {
+            waves: crate::rollout::parse_waves("10%@0s,100%@1h").unwrap(),
+            ..Policy::default()
+        };
+        let (held, chosen, _) = held_choice(
+            &policy,
+            1,
+            "2026-11-30T05:00:00Z",
+            &[("myapp", "1.0")],
+            &["myapp"],
+        );
+        assert_eq!(chosen, [("myapp".into(), "1.1".into())]);
+        assert_eq!(held.next_release, None);
     }
 }

@@ -264,6 +264,8 @@ impl Node {
                 deb: self.cache().join(file),
                 sha256,
             }],
+            policy: None,
+            waiting: None,
         }
     }
 }

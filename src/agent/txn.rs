@@ -33,7 +33,10 @@ impl Agent {
             next.save(&self.config.state_path())?;
             *state = next;
             self.remember_status_stamp();
-            return Ok(Outcome::UpToDate);
+            return Ok(match &state.waiting {
+                Some(waiting) => Outcome::Waiting(waiting.reason.clone()),
+                None => Outcome::UpToDate,
+            });
         }
         let now = self.clock.now();
         let pending = Pending {
@@ -116,8 +119,13 @@ impl Agent {
             info!(?drain, "draining before dpkg");
             tokio::time::sleep(drain).await;
         }
+        let targets = describe(&pending, target_of);
+        crate::notify::status(&format!("installing {targets}"));
         let result = match self.run_dpkg(&pending, target_of, &debs).await {
-            Ok(()) => self.health_gate().await.map_err(Failure::Unhealthy),
+            Ok(()) => {
+                crate::notify::status(&format!("waiting for {targets} to be healthy"));
+                self.health_gate().await.map_err(Failure::Unhealthy)
+            }
             Err(e) => Err(Failure::Install(Box::new(e))),
         };
         let outcome = match result {
@@ -307,6 +315,7 @@ impl Agent {
                 .collect::<Vec<_>>()
                 .join(", ");
             warn!(%reason, %restored, "rolling back");
+            crate::notify::status(&format!("rolling back to {restored}: {reason}"));
             let rollback = match self
                 .install_debs(
                     &pending,
@@ -348,6 +357,10 @@ impl Agent {
         next.push_event(self.clock.now(), error.to_string());
         next.save(&self.config.state_path())?;
         *state = next;
+        self.notifier.node_event(
+            crate::config::NodeEvent::Rollback,
+            crate::webhook::rollback_text(&pending, &error),
+        );
         self.prune_cache(state);
         Err(error.into())
     }
@@ -417,6 +430,19 @@ impl Agent {
             }
         }
     }
+}
+
+/// "myapp 1.2, other 3.4": the versions `which` picks, for STATUS=.
+fn describe(
+    pending: &Pending,
+    which: impl Fn(&PendingPackage) -> Option<&InstalledPackage>,
+) -> String {
+    let names: Vec<String> = pending
+        .packages
+        .iter()
+        .filter_map(|p| which(p).map(|v| format!("{} {}", p.name, v.version)))
+        .collect();
+    names.join(", ")
 }
 
 /// What an install puts in place: the new version.

@@ -92,6 +92,59 @@ pub struct Metrics {
     /// scrape.
     valid_until_at: Option<chrono::DateTime<chrono::Utc>>,
     key_expiry_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// `pulldeploy_webhook_*_total`, counted by the webhook's delivery
+    /// task (`crate::webhook`).
+    webhook: crate::webhook::Counters,
+    /// `pulldeploy_rollout_*`, set by the agent's cycle.
+    rollout: RolloutGauges,
+}
+
+/// Where the node stands in its suite's rollout.
+#[derive(Debug, Clone, Default)]
+pub struct RolloutGauges {
+    position: Gauge<f64, AtomicU64>,
+    wave: Gauge,
+    waiting_for_wave: Gauge,
+    waiting_for_lease: Gauge,
+}
+
+impl RolloutGauges {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "rollout_wave_position",
+            "This node's position in the rollout waves, in [0, 1) (0 until the suite has more than one wave)",
+            self.position.clone(),
+        );
+        registry.register(
+            "rollout_wave",
+            "This node's wave in the suite's rollout policy, counted from 1 (0: no policy or one wave)",
+            self.wave.clone(),
+        );
+        registry.register(
+            "rollout_waiting_for_wave",
+            "1 while a published version is held back until this node's wave",
+            self.waiting_for_wave.clone(),
+        );
+        registry.register(
+            "rollout_waiting_for_lease",
+            "1 while an install waits for a free in-flight lease",
+            self.waiting_for_lease.clone(),
+        );
+    }
+
+    pub fn set_wave(&self, position: f64, wave: usize) {
+        self.position.set(position);
+        self.wave
+            .set(i64::try_from(wave).unwrap_or(i64::MAX).saturating_add(1));
+    }
+
+    pub fn set_waiting_for_wave(&self, waiting: bool) {
+        self.waiting_for_wave.set(i64::from(waiting));
+    }
+
+    pub fn set_waiting_for_lease(&self, waiting: bool) {
+        self.waiting_for_lease.set(i64::from(waiting));
+    }
 }
 
 impl Default for Metrics {
@@ -101,6 +154,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Registers another module's `metric` as `pulldeploy_NAME`.
+    pub fn register(
+        &mut self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        self.registry.register(name, help, metric);
+    }
+
     /// All metrics, registered under `pulldeploy_`: before the first cycle
     /// the counters read 0 and the timestamps are absent.
     pub fn new() -> Metrics {
@@ -159,6 +222,10 @@ impl Metrics {
             Unit::Seconds,
             signing_key_expiry.clone(),
         );
+        let webhook = crate::webhook::Counters::default();
+        webhook.register(&mut registry);
+        let rollout = RolloutGauges::default();
+        rollout.register(&mut registry);
         Metrics {
             registry,
             cycles,
@@ -172,7 +239,19 @@ impl Metrics {
             signing_key_expiry,
             valid_until_at: None,
             key_expiry_at: None,
+            webhook,
+            rollout,
         }
+    }
+
+    /// The rollout gauges, for the agent to set.
+    pub fn rollout_gauges(&self) -> RolloutGauges {
+        self.rollout.clone()
+    }
+
+    /// The webhook's counters, for its notifier to count into.
+    pub fn webhook_counters(&self) -> crate::webhook::Counters {
+        self.webhook.clone()
     }
 
     /// Counts `cycle`, which ended at `at`.

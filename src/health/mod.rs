@@ -9,7 +9,7 @@
 mod metrics;
 mod server;
 
-pub use metrics::{Cycle, Metrics};
+pub use metrics::{Cycle, Metrics, RolloutGauges};
 pub use server::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, serve};
 
 use std::collections::BTreeMap;
@@ -48,6 +48,10 @@ pub struct Health {
     /// Set around dpkg: /healthz answers 503 so the load balancer drains
     /// the node, and 200 again only after the new version is healthy.
     draining: std::sync::atomic::AtomicBool,
+    /// Set once the instance is leaving its Auto Scaling group
+    /// (`lifecycle`): 503 for good, whatever an install does with
+    /// `draining`.
+    terminating: std::sync::atomic::AtomicBool,
     client: reqwest::Client,
 }
 
@@ -76,6 +80,7 @@ impl Health {
             }),
             metrics: Mutex::new(Metrics::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
+            terminating: std::sync::atomic::AtomicBool::new(false),
             check_url_lock: RwLock::new(check_url),
             client: reqwest::Client::new(),
         })
@@ -94,10 +99,20 @@ impl Health {
         self.metrics().record(cycle, chrono::Utc::now());
     }
 
+    /// The counters `/metrics` shows for the webhook's notifier.
+    pub fn webhook_counters(&self) -> crate::webhook::Counters {
+        self.metrics().webhook_counters()
+    }
+
     /// The `/metrics` body at `now`.
     pub fn render_metrics(&self, now: chrono::DateTime<chrono::Utc>) -> String {
         let snapshot = self.snapshot();
         self.metrics().render(&snapshot, now)
+    }
+
+    /// The rollout gauges of /metrics (cheap handles to the same figures).
+    pub fn rollout_gauges(&self) -> RolloutGauges {
+        self.metrics().rollout_gauges()
     }
 
     fn metrics(&self) -> std::sync::MutexGuard<'_, Metrics> {
@@ -139,6 +154,22 @@ impl Health {
     pub fn set_draining(&self, draining: bool) {
         self.draining
             .store(draining, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// From now on /healthz answers 503: the instance is terminating.
+    pub fn set_terminating(&self) {
+        self.terminating
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Adds a metric of another module (the lifecycle hooks') to `/metrics`.
+    pub fn register_metric(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        self.metrics().register(name, help, metric);
     }
 
     /// One probe of `check_url`: `Ok` on 2xx within [`PROBE_TIMEOUT`].
@@ -198,6 +229,13 @@ impl Health {
     /// Decides readiness now: draining, packages, then the app probe.
     pub async fn evaluate(&self) -> (bool, String, Snapshot) {
         let snapshot = self.snapshot();
+        if self.terminating.load(std::sync::atomic::Ordering::SeqCst) {
+            return (
+                false,
+                "terminating: the instance is leaving its Auto Scaling group".into(),
+                snapshot,
+            );
+        }
         if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
             return (
                 false,

@@ -112,6 +112,30 @@ impl Publisher {
                         report: vec![format!("refreshed {suite}: same content, signed again")],
                     }
                 }
+                Operation::Rollout(change) => {
+                    let current =
+                        current
+                            .as_ref()
+                            .ok_or_else(|| PublishError::NothingToRefresh {
+                                suite: suite.to_string(),
+                                url: self.store.url(&Self::dists(suite, "InRelease")),
+                            })?;
+                    match self
+                        .rollout_content(suite, current, change, date, valid_until)
+                        .await?
+                    {
+                        Some(content) => content,
+                        // Nothing to change: nothing is signed or written.
+                        None => {
+                            return Ok(vec![format!(
+                                "rollout of {suite} unchanged: {}",
+                                super::rollout::describe(
+                                    &current.policy.clone().unwrap_or_default()
+                                )
+                            )]);
+                        }
+                    }
+                }
                 Operation::Publish { .. } | Operation::Promote { .. } => {
                     let merged = self
                         .merge(suite, operation, current.as_ref(), &mut uploaded)

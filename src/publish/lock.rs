@@ -57,7 +57,7 @@ pub struct Holder {
     pub expires: Option<DateTime<Utc>>,
 }
 
-fn lock_text(owner: &str, acquired: DateTime<Utc>, ttl: Duration) -> String {
+pub(crate) fn lock_text(owner: &str, acquired: DateTime<Utc>, ttl: Duration) -> String {
     let expires = acquired + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
     format!(
         "Owner: {owner}\nAcquired: {}\nExpires: {}\n",
@@ -66,7 +66,7 @@ fn lock_text(owner: &str, acquired: DateTime<Utc>, ttl: Duration) -> String {
     )
 }
 
-fn parse_holder(bytes: &[u8]) -> Option<Holder> {
+pub(crate) fn parse_holder(bytes: &[u8]) -> Option<Holder> {
     let text = std::str::from_utf8(bytes).ok()?;
     let stanza: Stanza = parse_stanzas(text).ok()?.into_iter().next()?;
     Some(Holder {

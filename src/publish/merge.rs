@@ -113,7 +113,7 @@ impl Publisher {
                 }
                 *keep
             }
-            Operation::Refresh => None,
+            Operation::Refresh | Operation::Rollout(_) => None,
         };
         if let Some(keep) = keep {
             for dropped in index::apply_keep(&mut entries, keep) {

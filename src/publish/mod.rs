@@ -47,6 +47,8 @@ mod flip;
 pub mod index;
 pub mod lock;
 mod merge;
+pub mod policy;
+pub mod rollout;
 pub mod sign;
 pub mod store;
 mod suite;
@@ -66,6 +68,7 @@ use crate::config::RepoUrl;
 use crate::error::{Error, PublishError};
 use crate::keyring::Keyring;
 use crate::source::Source;
+use crate::webhook::PublisherEvent;
 
 // The arguments arrive checked by clap (src/cli.rs): names, PKG[=VER],
 // --architecture, the range of --keep and --valid-for. Left here: what
@@ -85,6 +88,7 @@ pub async fn publish(args: PublishArgs) -> Result<(), Error> {
     };
     let report = publisher.update(&args.suite, operation).await?;
     print_report(&report);
+    announce(&args.repo, PublisherEvent::Published, &args.suite, &report).await;
     Ok(())
 }
 
@@ -111,6 +115,7 @@ pub async fn promote(args: PromoteArgs) -> Result<(), Error> {
     };
     let report = publisher.update(&args.to, operation).await?;
     print_report(&report);
+    announce(&args.repo, PublisherEvent::Promoted, &args.to, &report).await;
     Ok(())
 }
 
@@ -147,6 +152,15 @@ async fn read_deb(path: &Path) -> Result<DebInfo, Error> {
     }
 }
 
+/// Tells `--webhook`, if given, what the command changed in `suite` (its
+/// report): after the flip, the lock released. Waits for the message at
+/// most `webhook::CLI_DEADLINE`; a webhook that is down costs a warning,
+/// never the command.
+async fn announce(args: &RepoArgs, event: PublisherEvent, suite: &str, report: &[String]) {
+    let text = crate::webhook::suite_change_text(&args.repo, suite, report);
+    crate::webhook::announce(args.webhook.as_deref(), event, text).await;
+}
+
 fn print_report(lines: &[String]) {
     let mut out = std::io::stdout().lock();
     for line in lines {
@@ -174,6 +188,8 @@ enum Operation {
         keep: Option<usize>,
     },
     Refresh,
+    /// A change of the rollout policy; the packages stay as they are.
+    Rollout(policy::Change),
 }
 
 struct Publisher {

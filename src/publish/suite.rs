@@ -16,6 +16,7 @@ use super::store::Store;
 use crate::error::{Error, PublishError};
 use crate::repo::capped;
 use crate::repo::release::IndexFile;
+use crate::rollout::{self, Policy};
 
 /// Cap on InRelease and on an index read back from the store.
 const MAX_RELEASE_BYTES: u64 = 16 << 20;
@@ -37,6 +38,8 @@ pub(super) struct Current {
     pub(super) components: BTreeSet<String>,
     pub(super) sha256: Vec<Checksum>,
     pub(super) sha512: Vec<Checksum>,
+    /// The suite's rollout policy, when Release lists one.
+    pub(super) policy: Option<Policy>,
 }
 
 impl Publisher {
@@ -121,6 +124,27 @@ impl Publisher {
                 }
             }
         }
+        let policy = match parsed.sha256.iter().find(|(path, _)| path == rollout::FILE) {
+            None => None,
+            Some((path, expected)) => {
+                let file = IndexFile {
+                    path: path.clone(),
+                    compression: capped::compression_of(path),
+                    expected: expected.clone(),
+                };
+                let bytes = read_index(
+                    self.store.as_ref(),
+                    &Self::dists(suite, ""),
+                    &file,
+                    parsed.acquire_by_hash,
+                    rollout::MAX_BYTES,
+                )
+                .await?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| refuse(format!("{}: not UTF-8", rollout::FILE)))?;
+                Some(Policy::parse(&text).map_err(|e| refuse(format!("{}: {e}", rollout::FILE)))?)
+            }
+        };
         Ok(Some(Current {
             etag: stored.etag,
             last_modified: stored.last_modified,
@@ -133,6 +157,7 @@ impl Publisher {
             components,
             sha256,
             sha512,
+            policy,
         }))
     }
 }

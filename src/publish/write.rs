@@ -15,9 +15,11 @@ use super::Publisher;
 use super::deb::DebInfo;
 use super::index::{self, Checksum};
 use super::merge::Merged;
+use super::policy;
 use super::store::{Body, Condition, Written};
 use super::suite::{Current, MAX_INDEX_BYTES};
 use crate::error::{Error, PublishError};
+use crate::rollout;
 
 /// The new content of a suite, before it is signed.
 pub(super) struct Content {
@@ -103,24 +105,18 @@ impl Publisher {
                 .await?;
         }
         // Indexes of other components (and anything else the previous
-        // Release named outside ours) are carried over unchanged.
+        // Release named outside ours) are carried over unchanged; the
+        // rollout policy is written anew, with the new versions' start.
         let ours = format!("{}/binary-", self.component);
+        let carried = |c: &&Checksum| !c.path.starts_with(&ours) && c.path != rollout::FILE;
         if let Some(current) = current {
-            sha256.extend(
-                current
-                    .sha256
-                    .iter()
-                    .filter(|c| !c.path.starts_with(&ours))
-                    .cloned(),
-            );
-            sha512.extend(
-                current
-                    .sha512
-                    .iter()
-                    .filter(|c| !c.path.starts_with(&ours))
-                    .cloned(),
-            );
+            sha256.extend(current.sha256.iter().filter(carried).cloned());
+            sha512.extend(current.sha512.iter().filter(carried).cloned());
         }
+        let policy = policy::stamped(current.and_then(|c| c.policy.as_ref()), &entries, date);
+        let (policy256, policy512) = self.write_policy(suite, &policy).await?;
+        sha256.push(policy256);
+        sha512.push(policy512);
         let mut components = current.map(|c| c.components.clone()).unwrap_or_default();
         components.insert(self.component.clone());
         let release_text = index::release_text(&index::ReleaseContent {

@@ -239,8 +239,11 @@ impl IndexFile {
     /// The by-hash location of this index (`.../by-hash/SHA256/<hex>`),
     /// which never changes under a reader while a new Release is published.
     pub fn by_hash_path(&self) -> String {
-        let dir = self.path.rsplit_once('/').map_or("", |(dir, _)| dir);
-        format!("{dir}/by-hash/SHA256/{}", self.expected.sha256)
+        match self.path.rsplit_once('/') {
+            Some((dir, _)) => format!("{dir}/by-hash/SHA256/{}", self.expected.sha256),
+            // A file at the top of the suite (rollout.toml).
+            None => format!("by-hash/SHA256/{}", self.expected.sha256),
+        }
     }
 }
 

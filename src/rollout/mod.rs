@@ -78,8 +78,8 @@ impl Wave {
         if !(percent > 0.0 && percent <= 100.0) {
             return Err(bad("the share is more than 0% and at most 100%"));
         }
-        let delay = humantime::parse_duration(delay.trim())
-            .map_err(|e| bad(&format!("the delay: {e}")))?;
+        let delay =
+            humantime::parse_duration(delay.trim()).map_err(|e| bad(&format!("the delay: {e}")))?;
         Ok(Wave {
             share: percent / 100.0,
             delay,
@@ -93,11 +93,7 @@ impl fmt::Display for Wave {
         // Whole percents print without decimals; others keep what they need.
         let percent = format!("{percent:.4}");
         let percent = percent.trim_end_matches('0').trim_end_matches('.');
-        write!(
-            f,
-            "{percent}%@{}",
-            humantime::format_duration(self.delay)
-        )
+        write!(f, "{percent}%@{}", humantime::format_duration(self.delay))
     }
 }
 

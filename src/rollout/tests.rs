@@ -3,7 +3,9 @@
 use super::*;
 
 fn at(text: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)
+    DateTime::parse_from_rfc3339(text)
+        .unwrap()
+        .with_timezone(&Utc)
 }
 
 fn waves(text: &str) -> Vec<Wave> {
@@ -135,7 +137,10 @@ fn policies_an_agent_must_not_half_follow_are_refused() {
         ("format = 1\nmax_in_flight = 0\n", "at least 1"),
         ("format = 1\nmax_in_flight = -1\n", "max_in_flight"),
         ("format = 1\ncanary = true\n", "canary"),
-        ("format = 1\n[pins]\nmyapp = \"not a version!\"\n", "pins.myapp"),
+        (
+            "format = 1\n[pins]\nmyapp = \"not a version!\"\n",
+            "pins.myapp",
+        ),
         (
             "format = 1\n[started.myapp]\n\"1.0\" = \"yesterday\"\n",
             "started.myapp",

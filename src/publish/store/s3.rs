@@ -86,6 +86,15 @@ fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
     (status, text)
 }
 
+/// A 403: the credentials may not do this (fleet nodes carry on without
+/// the fleet prefix when they may not write it).
+fn denied(url: &str, message: String) -> PublishError {
+    PublishError::StoreDenied {
+        url: url.to_string(),
+        message,
+    }
+}
+
 /// Caching for CDNs and proxies in front of the bucket: content-addressed
 /// objects (pool files, by-hash indexes) never change; everything else
 /// (InRelease, Release, canonical indexes) must be revalidated.
@@ -115,6 +124,7 @@ impl S3Store {
             Ok(output) => Ok(Some(output)),
             Err(error) => match describe(&error) {
                 (Some(404), _) => Ok(None),
+                (Some(403), message) => Err(denied(url, message)),
                 (_, message) => Err(io_read(url, message)),
             },
         }
@@ -191,6 +201,7 @@ impl Store for S3Store {
                 Ok(output) => Ok(Some(output.content_length().unwrap_or(0).max(0) as u64)),
                 Err(error) => match describe(&error) {
                     (Some(404), _) => Ok(None),
+                    (Some(403), message) => Err(denied(&self.url(path), message)),
                     (_, message) => Err(io_read(&self.url(path), message)),
                 },
             }
@@ -242,6 +253,7 @@ impl Store for S3Store {
                     }
                     // If-Match on a key that is gone.
                     ((Some(404), _), Condition::IfMatch(_)) => Ok(Written::PreconditionFailed),
+                    ((Some(403), message), _) => Err(denied(&url, message)),
                     ((_, message), _) => Err(io_write(&url, message)),
                 },
             }
@@ -267,6 +279,7 @@ impl Store for S3Store {
                 Err(error) => match describe(&error) {
                     (Some(412 | 409), _) => Ok(false),
                     (Some(404), _) => Ok(true),
+                    (Some(403), message) => Err(denied(&self.url(path), message)),
                     (_, message) => Err(io_write(&self.url(path), message)),
                 },
             }
@@ -290,7 +303,10 @@ impl Store for S3Store {
                     .set_continuation_token(token.take())
                     .send()
                     .await
-                    .map_err(|error| io_read(&url, describe(&error).1))?;
+                    .map_err(|error| match describe(&error) {
+                        (Some(403), message) => denied(&url, message),
+                        (_, message) => io_read(&url, message),
+                    })?;
                 for object in output.contents() {
                     if let Some(key) = object.key()
                         && let Some(relative) = key.strip_prefix(&key_prefix)
