@@ -186,6 +186,7 @@ pub fn chmod_dirs(dir: &Path) {
 /// A maintainer script body that touches `$DPKG_ROOT/MARKER` and then
 /// waits (at most 30 s) while `$DPKG_ROOT/hold` exists: the test kills the
 /// agent in that window, or removes `hold` to let it pass.
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn hold_at(marker: &str) -> String {
     format!(
         "touch \"$DPKG_ROOT/{marker}\"\n\
@@ -244,10 +245,12 @@ impl Fixture {
         once(&self.node)
     }
 
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn root(&self) -> &Path {
         &self.node.root.path
     }
 
+    #[allow(dead_code, reason = "not every test binary uses it")]
     pub fn state_dir(&self) -> PathBuf {
         self.node.dir.path().join("state")
     }
@@ -397,6 +400,7 @@ pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+#[allow(dead_code, reason = "not every test binary uses it")]
 pub fn healthz(port: u16) -> (u16, String) {
     let response = super::http::http_request(port, "GET", "/healthz", &[], &[]);
     (response.status, response.text())

@@ -1,0 +1,612 @@
+//! Fleet rollouts end to end: several `pulldeploy run` nodes (distinct node
+//! ids, real dpkg sandboxes) on one repository and one fleet prefix in
+//! moto's S3, driven by the real `publish`, `rollout` and `fleet` commands.
+//!
+//! Waves are seconds long here. Every timing check compares times the
+//! nodes recorded (state.json's installed_at, the start the publisher
+//! stamped in rollout.toml, a postinst's own clock), never how long the
+//! test waited, so a loaded machine makes the tests slower, not flaky.
+
+mod common {
+    pub mod cmd;
+    pub mod dpkg;
+    // The package builder, the runners and the waits only: the rest of
+    // the install fixture is other binaries' (and their lint's) business.
+    #[allow(dead_code, reason = "this binary uses a part of the install fixture")]
+    pub mod fixture;
+    pub mod gpg;
+    pub mod http;
+    pub mod moto;
+    pub mod moto_iam;
+    pub mod node;
+    #[allow(dead_code, reason = "needed by the install fixture, not used here")]
+    pub mod repo;
+}
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::cmd::host_path;
+use common::fixture::{Pkg, Running, build, dpkg_log, healthz, pkg, wait_for};
+use common::gpg::GpgKey;
+use common::moto::Moto;
+use common::moto_iam::{enforce_iam, iam_user};
+use common::node::Node;
+use pulldeploy::rollout::{Policy, position};
+
+const BUCKET: &str = "acme-apt";
+const SUITE: &str = "production";
+/// Generous: the suite runs with the machine loaded.
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// moto's S3 holding the repository (`repo/`) and the fleet prefix
+/// (`fleet/`), the publisher's key, and the .debs built for the test.
+struct Rig {
+    moto: Moto,
+    /// The publisher's access key (moto's default until IAM is enforced).
+    keys: (String, String),
+    key: GpgKey,
+    debs: tempfile::TempDir,
+    home: tempfile::TempDir,
+}
+
+/// Static credentials for moto, nothing from the host, no IMDS.
+fn aws_env() -> Vec<(String, String)> {
+    [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/dev/null"),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/aws-credentials",
+        ),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+#[track_caller]
+fn assert_ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let moto = Moto::start();
+        moto.create_bucket(BUCKET);
+        Rig {
+            moto,
+            keys: ("test".into(), "test".into()),
+            key: GpgKey::generate("Acme Repository <repo@acme.test>"),
+            debs: tempfile::tempdir().expect("debs dir"),
+            home: tempfile::tempdir().expect("home dir"),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pulldeploy"));
+        command
+            .env_clear()
+            .env("PATH", host_path())
+            .env("HOME", self.home.path())
+            .env("PULLDEPLOY_LOG", "warn")
+            .envs(aws_env())
+            .env("AWS_ACCESS_KEY_ID", &self.keys.0)
+            .env("AWS_SECRET_ACCESS_KEY", &self.keys.1)
+            .args(args)
+            .args(["--endpoint", &self.moto.endpoint, "--region", "us-east-1"])
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// `pulldeploy SUBCOMMAND... --repo --suite --signing-key` + `args`.
+    fn repo_command(&self, subcommand: &[&str], args: &[&str]) -> Output {
+        let repo = format!("s3://{BUCKET}/repo");
+        let key = self.key.secret_key.to_string_lossy().into_owned();
+        let mut all: Vec<&str> = subcommand.to_vec();
+        all.extend(["--repo", &repo, "--suite", SUITE, "--signing-key", &key]);
+        all.extend(args);
+        self.command(&all).output().expect("run pulldeploy")
+    }
+
+    fn publish(&self, packages: &[Pkg]) {
+        let dir = self
+            .debs
+            .path()
+            .join(hex::encode(common::cmd::random_bytes(4)));
+        let debs: Vec<PathBuf> = packages.iter().map(|p| build(&dir, p)).collect();
+        let debs: Vec<&str> = debs
+            .iter()
+            .map(|d| d.to_str().expect("UTF-8 path"))
+            .collect();
+        assert_ok(&self.repo_command(&["publish"], &debs), "publish");
+    }
+
+    fn rollout(&self, args: &[&str]) -> String {
+        let out = self.repo_command(&["rollout", args[0]], &args[1..]);
+        assert_ok(&out, &format!("rollout {}", args.join(" ")))
+    }
+
+    /// The signed policy as published.
+    fn policy(&self) -> Policy {
+        let bytes = self
+            .moto
+            .get_object(BUCKET, &format!("repo/dists/{SUITE}/rollout.toml"))
+            .expect("rollout.toml published");
+        Policy::parse(&String::from_utf8(bytes).expect("UTF-8")).expect("policy parses")
+    }
+
+    fn started(&self, version: &str) -> DateTime<Utc> {
+        self.policy()
+            .started("myapp", version)
+            .unwrap_or_else(|| panic!("no start time for myapp {version}"))
+    }
+
+    /// A node following myapp; `fleet`: with `[fleet] url` (else only its
+    /// node id, so the signed policy still places it in a wave).
+    fn node(&self, id: &str, fleet: bool, health: &str) -> Node {
+        let repository = format!(
+            "url = \"s3://{BUCKET}/repo\"\nendpoint = {:?}\nregion = \"us-east-1\"",
+            self.moto.endpoint
+        );
+        let url = match fleet {
+            true => format!("url = \"s3://{BUCKET}/fleet\"\n"),
+            false => String::new(),
+        };
+        let extra = format!("{health}\n[fleet]\n{url}node_id = {id:?}\nreport_interval = \"2s\"\n");
+        let key = &self.key.public_key;
+        Node::new(&repository, key, &["myapp"], &extra).with_env(aws_env())
+    }
+
+    fn fleet_status(&self) -> serde_json::Value {
+        let fleet = format!("s3://{BUCKET}/fleet");
+        let out = self
+            .command(&[
+                "fleet", "status", "--fleet", &fleet, "--suite", SUITE, "--json",
+            ])
+            .output()
+            .expect("run fleet status");
+        serde_json::from_str(&assert_ok(&out, "fleet status")).expect("fleet status JSON")
+    }
+}
+
+/// Node ids whose positions fall in [low, high) for each range: ids of
+/// the form `PREFIX-N`, found by search (positions are a hash).
+fn ids_in(prefix: &str, ranges: &[(f64, f64)]) -> Vec<String> {
+    ranges
+        .iter()
+        .map(|(low, high)| {
+            (0..10_000)
+                .map(|n| format!("{prefix}-{n}"))
+                .find(|id| (*low..*high).contains(&position(id)))
+                .expect("an id in range")
+        })
+        .collect()
+}
+
+fn run(node: &Node) -> Running {
+    Running::start(node.command(&["run"]))
+}
+
+fn committed(node: &Node) -> Option<(String, DateTime<Utc>)> {
+    let state = node.state();
+    let p = state.installed.get("myapp")?;
+    Some((p.version.clone(), p.installed_at?))
+}
+
+#[track_caller]
+fn wait_installed(node: &Node, version: &str) -> DateTime<Utc> {
+    let mut at = None;
+    wait_for(&format!("myapp {version} committed"), LIMIT, || {
+        at = committed(node)
+            .filter(|(v, _)| v == version)
+            .map(|(_, t)| t);
+        at.is_some()
+    });
+    at.unwrap_or_default()
+}
+
+/// Versions dpkg was asked to install on `node` (the targets of its
+/// dpkg.log's `install` and `upgrade` lines), in order: an attempt shows
+/// even when its maintainer script failed.
+fn attempted_versions(node: &Node) -> Vec<String> {
+    let mut versions = Vec::new();
+    for line in dpkg_log(node) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let [_, _, "install" | "upgrade", package, _, version] = words[..]
+            && package.starts_with("myapp:")
+        {
+            versions.push(version.to_string());
+        }
+    }
+    versions
+}
+
+fn secs(n: i64) -> chrono::Duration {
+    chrono::Duration::seconds(n)
+}
+
+#[test]
+fn waves_install_in_order_and_a_fresh_node_follows_its_wave() {
+    let rig = Rig::new();
+    rig.publish(&[pkg("myapp", "1.0")]);
+    // Positions: wave 1 below 34%, wave 2 below 67%, wave 3 the rest.
+    let ids = ids_in("n", &[(0.0, 0.30), (0.40, 0.60), (0.75, 1.0), (0.80, 1.0)]);
+    // The wave-2 node has no fleet url: it follows the signed policy alone.
+    let nodes = [
+        rig.node(&ids[0], true, ""),
+        rig.node(&ids[1], false, ""),
+        rig.node(&ids[2], true, ""),
+    ];
+    let _running: Vec<Running> = nodes.iter().map(run).collect();
+    for node in &nodes {
+        wait_installed(node, "1.0");
+    }
+
+    rig.rollout(&["set", "--waves", "34%@0s,67%@10s,100%@20s"]);
+    rig.publish(&[pkg("myapp", "1.1")]);
+    let start = rig.started("1.1");
+    // A node that boots now, in the last wave, installs what its wave has.
+    let fresh = rig.node(&ids[3], true, "");
+    let _fresh = run(&fresh);
+
+    let times: Vec<DateTime<Utc>> = nodes.iter().map(|n| wait_installed(n, "1.1")).collect();
+    let fresh_time = wait_installed(&fresh, "1.1");
+    assert!(
+        times[0] >= start,
+        "wave 1 before the start: {times:?} {start}"
+    );
+    assert!(
+        times[1] >= start + secs(10),
+        "wave 2 early: {} < {start} + 10s",
+        times[1]
+    );
+    assert!(
+        times[2] >= start + secs(20),
+        "wave 3 early: {} < {start} + 20s",
+        times[2]
+    );
+    assert!(
+        fresh_time >= start + secs(20),
+        "fresh wave-3 node early: {fresh_time}"
+    );
+    assert!(times[0] <= times[1] && times[1] <= times[2], "{times:?}");
+    assert_eq!(
+        attempted_versions(&fresh),
+        ["1.0", "1.1"],
+        "the fresh node's first install is its wave's version"
+    );
+
+    // The fleet view matches what dpkg has: three reporting nodes on 1.1
+    // (the node without a fleet url reports nothing).
+    wait_for("reports of 1.1", LIMIT, || {
+        let status = rig.fleet_status();
+        let on: Vec<String> = status["packages"]["myapp"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| v["version"] == "1.1")
+            .flat_map(|v| v["nodes"].as_array().cloned().unwrap_or_default())
+            .filter_map(|n| n.as_str().map(str::to_string))
+            .collect();
+        let mut expected = vec![ids[0].clone(), ids[2].clone(), ids[3].clone()];
+        expected.sort();
+        let mut on = on;
+        on.sort();
+        on == expected
+    });
+    let status = rig.fleet_status();
+    let reporting = [
+        (&ids[0], &nodes[0]),
+        (&ids[2], &nodes[2]),
+        (&ids[3], &fresh),
+    ];
+    for report in status["nodes"].as_array().expect("nodes") {
+        let id = report["node_id"].as_str().expect("node id");
+        let (_, node) = reporting
+            .iter()
+            .find(|(node_id, _)| node_id.as_str() == id)
+            .unwrap_or_else(|| panic!("a report from an unknown node {id}"));
+        assert_eq!(
+            report["installed"]["myapp"].as_str(),
+            node.installed("myapp").as_deref(),
+            "{id}"
+        );
+    }
+}
+
+#[test]
+fn one_in_flight_drains_one_serving_node_at_a_time() {
+    let rig = Rig::new();
+    let log = tempfile::NamedTempFile::new().expect("postinst log");
+    let log_path = log.path().to_string_lossy().into_owned();
+    rig.publish(&[pkg("myapp", "1.0")]);
+    let ids = ["f-0", "f-1", "f-2"];
+    let nodes: Vec<Node> = ids
+        .iter()
+        .map(|id| rig.node(id, true, "drain = \"1s\""))
+        .collect();
+    let mut running: Vec<Running> = nodes.iter().map(run).collect();
+    let ports: Vec<u16> = running.iter_mut().map(Running::health_port).collect();
+    for node in &nodes {
+        wait_installed(node, "1.0");
+    }
+    for port in &ports {
+        wait_for("/healthz 200", LIMIT, || healthz(*port).0 == 200);
+    }
+
+    rig.rollout(&["set", "--max-in-flight", "1"]);
+    // Each install is long enough to overlap with another's if the lease
+    // did not keep them apart: 1 s of drain and 1 s of postinst.
+    let postinst = format!(
+        "echo \"start $(date +%s.%N)\" >> {log_path}\nsleep 1\necho \"end $(date +%s.%N)\" >> {log_path}\n"
+    );
+    rig.publish(&[pkg("myapp", "1.1").postinst(&postinst)]);
+
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        let ports = ports.clone();
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while !done.load(Ordering::Relaxed) {
+                let draining = ports.iter().filter(|p| healthz(**p).0 == 503).count();
+                most = most.max(draining);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            most
+        })
+    };
+    for node in &nodes {
+        wait_installed(node, "1.1");
+    }
+    done.store(true, Ordering::Relaxed);
+    let most_draining = sampler.join().expect("sampler");
+    assert!(
+        most_draining <= 1,
+        "{most_draining} nodes answered 503 at once"
+    );
+
+    // The postinsts ran one after the other.
+    let text = std::fs::read_to_string(log.path()).expect("postinst log");
+    let mut spans: Vec<(f64, f64)> = Vec::new();
+    let mut open = None;
+    for line in text.lines() {
+        let (what, t) = line.split_once(' ').expect("log line");
+        let t: f64 = t.parse().expect("time");
+        match what {
+            "start" => open = Some(t),
+            _ => spans.push((open.take().expect("start before end"), t)),
+        }
+    }
+    assert_eq!(spans.len(), 3, "{text}");
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for pair in spans.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "installs overlapped: {text}");
+    }
+    // Every lease was given back.
+    wait_for("no lease held", LIMIT, || {
+        rig.fleet_status()["leases"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+}
+
+#[test]
+fn a_bad_version_is_tried_by_the_first_wave_and_then_by_nobody() {
+    let rig = Rig::new();
+    rig.publish(&[pkg("myapp", "1.0")]);
+    let ids = ids_in("h", &[(0.0, 0.30), (0.40, 0.60), (0.75, 1.0)]);
+    let nodes: Vec<Node> = ids.iter().map(|id| rig.node(id, true, "")).collect();
+    let _running: Vec<Running> = nodes.iter().map(run).collect();
+    for node in &nodes {
+        wait_installed(node, "1.0");
+    }
+    rig.rollout(&[
+        "set",
+        "--waves",
+        "34%@0s,67%@4s,100%@8s",
+        "--max-in-flight",
+        "1",
+    ]);
+    rig.publish(&[pkg("myapp", "1.1").postinst("echo 'broken release' >&2\nexit 1\n")]);
+    let start = rig.started("1.1");
+
+    // Wave 1 tries it, fails, rolls back and halts it.
+    wait_for("the halt marker", LIMIT, || {
+        rig.fleet_status()["halted"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|m| m["version"] == "1.1"))
+    });
+    // The later waves reach their time, read the marker and stay.
+    for node in &nodes[1..] {
+        wait_for("the halt seen", LIMIT, || {
+            node.state()
+                .waiting
+                .is_some_and(|w| w.reason.contains("halted myapp 1.1"))
+        });
+    }
+    assert!(Utc::now() >= start + secs(8));
+    assert!(attempted_versions(&nodes[0]).contains(&"1.1".to_string()));
+    for node in &nodes {
+        assert_eq!(node.installed("myapp").as_deref(), Some("1.0"));
+    }
+    for node in &nodes[1..] {
+        assert_eq!(
+            attempted_versions(node),
+            ["1.0"],
+            "a later wave ran dpkg on 1.1"
+        );
+    }
+
+    // The fix: a newer version goes out; unhalting is for the record.
+    rig.publish(&[pkg("myapp", "1.2")]);
+    for node in &nodes {
+        wait_installed(node, "1.2");
+    }
+    let fleet = format!("s3://{BUCKET}/fleet");
+    let out = rig
+        .command(&[
+            "fleet",
+            "unhalt",
+            "myapp=1.1",
+            "--fleet",
+            &fleet,
+            "--suite",
+            SUITE,
+        ])
+        .output()
+        .expect("run fleet unhalt");
+    assert_ok(&out, "fleet unhalt");
+    assert!(
+        rig.fleet_status()["halted"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
+}
+
+#[test]
+fn pause_resume_pin_and_unpin_move_the_fleet() {
+    let rig = Rig::new();
+    rig.publish(&[pkg("myapp", "1.0")]);
+    let nodes: Vec<Node> = ["p-1", "p-2"]
+        .iter()
+        .map(|id| rig.node(id, true, ""))
+        .collect();
+    let _running: Vec<Running> = nodes.iter().map(run).collect();
+    for node in &nodes {
+        wait_installed(node, "1.0");
+    }
+
+    let said = rig.rollout(&["pause"]);
+    assert!(said.contains("paused"), "{said}");
+    assert!(rig.rollout(&["show"]).contains("paused"));
+    rig.publish(&[pkg("myapp", "1.1")]);
+    let date = rig.started("1.1");
+    // Both nodes read the new suite (its Date is the start of 1.1) and stay.
+    for node in &nodes {
+        wait_for("the paused suite accepted", LIMIT, || {
+            node.state().release.is_some_and(|r| r.date >= date)
+        });
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    for node in &nodes {
+        assert_eq!(node.installed("myapp").as_deref(), Some("1.0"));
+    }
+
+    rig.rollout(&["resume"]);
+    for node in &nodes {
+        wait_installed(node, "1.1");
+    }
+
+    // A signed fleet rollback, then forward again.
+    let said = rig.rollout(&["pin", "myapp=1.0"]);
+    assert!(said.contains("pinned myapp to 1.0"), "{said}");
+    assert!(
+        rig.rollout(&["show"])
+            .contains("every wave on 1.0 (pinned)")
+    );
+    for node in &nodes {
+        wait_installed(node, "1.0");
+    }
+    rig.rollout(&["unpin", "myapp"]);
+    for node in &nodes {
+        wait_installed(node, "1.1");
+    }
+    // Pinning to a version the suite does not have is refused (65).
+    let out = rig.repo_command(&["rollout", "pin"], &["myapp=9.9"]);
+    assert_eq!(out.status.code(), Some(65), "{out:?}");
+}
+
+#[test]
+fn a_policy_changed_without_signing_is_refused() {
+    let rig = Rig::new();
+    rig.publish(&[pkg("myapp", "1.0")]);
+    let node = rig.node("t-1", false, "");
+    assert_ok(&node.once(), "first once");
+    let before = node.state();
+    rig.publish(&[pkg("myapp", "1.1")]);
+
+    // Pause the fleet behind the publisher's back: the canonical file and
+    // the by-hash copy the Release names.
+    let policy_key = format!("repo/dists/{SUITE}/rollout.toml");
+    let text = String::from_utf8(rig.moto.get_object(BUCKET, &policy_key).expect("policy"))
+        .expect("UTF-8");
+    let forged = text.replace("paused = false", "paused = true");
+    assert_ne!(forged, text);
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()));
+    let by_hash = format!("repo/dists/{SUITE}/by-hash/SHA256/{hash}");
+    assert!(rig.moto.get_object(BUCKET, &by_hash).is_some(), "{by_hash}");
+    rig.moto.put_object(BUCKET, &by_hash, forged.as_bytes());
+    rig.moto.put_object(BUCKET, &policy_key, forged.as_bytes());
+
+    let out = node.once();
+    assert_eq!(out.status.code(), Some(65), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rollout.toml"), "{stderr}");
+    let after = node.state();
+    assert_eq!(after.release, before.release, "the accepted Release moved");
+    assert_eq!(after.installed, before.installed);
+    assert_eq!(node.installed("myapp").as_deref(), Some("1.0"));
+}
+
+#[test]
+fn a_node_without_write_access_follows_the_signed_policy_and_says_so_once() {
+    let mut rig = Rig::new();
+    let bucket = format!("arn:aws:s3:::{BUCKET}");
+    let publisher = format!(
+        r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Action":"s3:*","Resource":["{bucket}","{bucket}/*"]}}]}}"#
+    );
+    // Read-only: the repository and the fleet prefix, nothing written.
+    let reader = format!(
+        r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Action":["s3:GetObject","s3:ListBucket"],"Resource":["{bucket}","{bucket}/*"]}}]}}"#
+    );
+    rig.keys = iam_user(&rig.moto, "publisher", &publisher);
+    let (id, secret) = iam_user(&rig.moto, "node", &reader);
+    enforce_iam(&rig.moto);
+
+    rig.publish(&[pkg("myapp", "1.0")]);
+    rig.rollout(&["set", "--max-in-flight", "1", "--waves", "50%@0s,100%@2s"]);
+    let node = rig.node("r-1", true, "").with_env(vec![
+        ("AWS_ACCESS_KEY_ID".into(), id),
+        ("AWS_SECRET_ACCESS_KEY".into(), secret),
+    ]);
+    let mut running = run(&node);
+    wait_installed(&node, "1.0");
+    // Serving now: 1.1 would need a lease it cannot write.
+    rig.publish(&[pkg("myapp", "1.1")]);
+    wait_installed(&node, "1.1");
+    // A few more cycles (reports due every 2 s), then count the warnings.
+    std::thread::sleep(Duration::from_secs(5));
+    running.drain_lines();
+    let warnings = running
+        .log
+        .iter()
+        .filter(|l| l.contains("no write access to the fleet prefix"))
+        .count();
+    assert_eq!(warnings, 1, "{}", running.log.join("\n"));
+    // And it wrote nothing: no report, no lease. (Listed with IAM lifted
+    // again: moto's SigV4 check refuses some signed List requests.)
+    let lifted = common::http::http_request(
+        rig.moto.port,
+        "POST",
+        "/moto-api/reset-auth",
+        &[],
+        b"1000000",
+    );
+    assert_eq!(lifted.status, 200, "{}", lifted.text());
+    assert_eq!(rig.moto.list_keys(BUCKET, "fleet/"), Vec::<String>::new());
+}
