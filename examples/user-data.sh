@@ -54,6 +54,13 @@
 #                           0.0.0.0:9100, the agent's default)
 #
 # For tests and S3-compatible stores (never needed on EC2):
+#   PULLDEPLOY_FLEET_URL    s3://BUCKET/PREFIX of the fleet prefix for rollouts
+#                           ([fleet] url: leases, halt markers, reports; optional)
+#   PULLDEPLOY_LAUNCH_HOOK  Auto Scaling lifecycle hook names ([lifecycle];
+#   PULLDEPLOY_TERMINATE_HOOK   optional): CONTINUE after the first healthy
+#                           commit / drain before termination
+#   PULLDEPLOY_WEBHOOK      incoming-webhook URL for rollback, halt and failing
+#                           messages ([notify]; optional)
 #   PULLDEPLOY_S3_ENDPOINT  http(s)://HOST:PORT of an S3-compatible server,
 #                           path-style; also written to the config
 #   AWS_EC2_METADATA_SERVICE_ENDPOINT  IMDS base URL (the AWS SDKs' variable)
@@ -75,6 +82,10 @@ region="${PULLDEPLOY_REGION:-}"
 config_region="$region" # only what was set goes to the config (else the agent asks IMDS)
 check_url="${PULLDEPLOY_CHECK_URL:-}"
 health_listen="${PULLDEPLOY_HEALTH_LISTEN:-}"
+fleet_url="${PULLDEPLOY_FLEET_URL:-}"
+launch_hook="${PULLDEPLOY_LAUNCH_HOOK:-}"
+terminate_hook="${PULLDEPLOY_TERMINATE_HOOK:-}"
+webhook="${PULLDEPLOY_WEBHOOK:-}"
 endpoint="${PULLDEPLOY_S3_ENDPOINT:-}"
 imds="${AWS_EC2_METADATA_SERVICE_ENDPOINT:-http://169.254.169.254}"
 aws_cli="${PULLDEPLOY_AWS_CLI-aws}"
@@ -207,7 +218,8 @@ chmod 0644 "$etc/keyring.asc.new"
 mv -f "$etc/keyring.asc.new" "$etc/keyring.asc"
 
 # Values go into TOML strings: no quotes, backslashes or control characters.
-for value in "$repo_url" "$suite" "$endpoint" "$config_region" "$check_url" "$health_listen"; do
+for value in "$repo_url" "$suite" "$endpoint" "$config_region" "$check_url" "$health_listen" \
+    "$fleet_url" "$launch_hook" "$terminate_hook" "$webhook"; do
     case "$value" in *[\"\\]* | *[![:print:]]*) die "refusing to write $value into the config" ;; esac
 done
 toml_list=""
@@ -232,6 +244,22 @@ done
         echo "[health]"
         [ -z "$check_url" ] || echo "check_url = \"$check_url\""
         [ -z "$health_listen" ] || echo "listen = \"$health_listen\""
+    fi
+    if [ -n "$fleet_url" ]; then
+        echo
+        echo "[fleet]"
+        echo "url = \"$fleet_url\""
+    fi
+    if [ -n "$launch_hook" ] || [ -n "$terminate_hook" ]; then
+        echo
+        echo "[lifecycle]"
+        [ -z "$launch_hook" ] || echo "launch_hook = \"$launch_hook\""
+        [ -z "$terminate_hook" ] || echo "terminate_hook = \"$terminate_hook\""
+    fi
+    if [ -n "$webhook" ]; then
+        echo
+        echo "[notify]"
+        echo "webhook = \"$webhook\""
     fi
 } >"$etc/config.toml.new"
 chmod 0644 "$etc/config.toml.new"

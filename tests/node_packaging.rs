@@ -774,6 +774,11 @@ fn user_data_installs_from_s3_with_imds_credentials_and_starts_nothing_without_s
     let plus = "pool/main/p/pulldeploy/pulldeploy_0.1.0+b1_amd64.deb";
     boot.s3.put(&format!("repo/{plus}"), deb());
     boot.set("PULLDEPLOY_DEB", plus);
+    // The optional tables: rollouts, lifecycle hooks, notifications.
+    boot.set("PULLDEPLOY_FLEET_URL", "s3://acme-apt/fleet");
+    boot.set("PULLDEPLOY_LAUNCH_HOOK", "web-launch");
+    boot.set("PULLDEPLOY_TERMINATE_HOOK", "web-terminate");
+    boot.set("PULLDEPLOY_WEBHOOK", "https://hooks.example.com/T0/B0/X");
     let out = boot.run_user_data();
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}", describe_output(&out));
@@ -834,6 +839,13 @@ fn user_data_installs_from_s3_with_imds_credentials_and_starts_nothing_without_s
         "keyring = \"keyring.asc\"",
         "packages = [\"myapp\", \"pulldeploy\"]",
         &format!("endpoint = \"{}\"", boot.s3.endpoint),
+        "[fleet]",
+        "url = \"s3://acme-apt/fleet\"",
+        "[lifecycle]",
+        "launch_hook = \"web-launch\"",
+        "terminate_hook = \"web-terminate\"",
+        "[notify]",
+        "webhook = \"https://hooks.example.com/T0/B0/X\"",
     ] {
         assert!(config.lines().any(|l| l == line), "{line} not in\n{config}");
     }
@@ -999,7 +1011,8 @@ fn strings(value: &Value) -> Vec<String> {
 }
 
 #[test]
-fn iam_policy_allows_reading_the_repository_and_completing_its_group_s_hooks_only() {
+fn iam_policy_allows_reading_the_repository_writing_the_fleet_prefix_and_completing_its_group_s_hooks_only()
+ {
     let text = fs::read_to_string(source("examples/iam-policy.json")).expect("iam-policy.json");
     let policy: Value = serde_json::from_str(&text).expect("iam-policy.json is JSON");
     assert_eq!(policy["Version"], "2012-10-17");
@@ -1012,11 +1025,38 @@ fn iam_policy_allows_reading_the_repository_and_completing_its_group_s_hooks_onl
             .keys()
             .map(String::as_str)
             .collect();
+        let allowed = match statement["Sid"] == "ListTheFleetPrefixOnly" {
+            true => BTreeSet::from(["Sid", "Effect", "Action", "Resource", "Condition"]),
+            false => BTreeSet::from(["Sid", "Effect", "Action", "Resource"]),
+        };
         assert!(
-            keys.is_subset(&BTreeSet::from(["Sid", "Effect", "Action", "Resource"])),
+            keys.is_subset(&allowed),
             "unexpected keys (NotAction, NotResource, Principal...): {keys:?}"
         );
         assert_eq!(statement["Effect"], "Allow");
+        if statement["Sid"] == "CoordinateThroughTheFleetPrefix" {
+            // Leases, halt markers, reports: the fleet prefix only.
+            assert_eq!(
+                strings(&statement["Action"]),
+                ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"]
+            );
+            assert_eq!(
+                strings(&statement["Resource"]),
+                ["arn:aws:s3:::acme-apt/fleet/*"]
+            );
+            continue;
+        }
+        if statement["Sid"] == "ListTheFleetPrefixOnly" {
+            // Listing the fleet prefix (and S3 then answers 404, not 403,
+            // for a halt marker that does not exist); not the repository.
+            assert_eq!(strings(&statement["Action"]), ["s3:ListBucket"]);
+            assert_eq!(strings(&statement["Resource"]), ["arn:aws:s3:::acme-apt"]);
+            assert_eq!(
+                strings(&statement["Condition"]["StringLike"]["s3:prefix"]),
+                ["fleet/*"]
+            );
+            continue;
+        }
         if statement["Sid"] == "CompleteItsOwnLifecycleActions" {
             // The lifecycle hooks: on one group, nothing else (no Describe*).
             assert_eq!(
@@ -1156,6 +1196,14 @@ fn terraform_parses_and_its_load_balancer_checks_healthz_on_9100() {
         "{hooks}"
     );
     assert!(!hooks.contains("Describe"), "{hooks}");
+    // Rollouts: the fleet prefix read and written, listed, nothing else.
+    let fleet = hcl(&resource(&tf, "aws_iam_role_policy", "fleet")["policy"]);
+    assert!(
+        fleet.contains("Resource = \"arn:aws:s3:::${var.repo_bucket}/${var.fleet_prefix}/*\""),
+        "{fleet}"
+    );
+    assert!(fleet.contains("\"${var.fleet_prefix}/*\""), "{fleet}");
+    assert!(!fleet.contains("repo_prefix"), "{fleet}");
 
     // The parser does reject what terraform would: the same file, cut short.
     let dir = tempfile::tempdir().expect("tempdir");

@@ -56,6 +56,12 @@ variable "repo_prefix" {
   default     = "repo"
 }
 
+variable "fleet_prefix" {
+  description = "Key prefix (in repo_bucket) of the fleet's leases, halt markers and reports; must not be inside repo_prefix"
+  type        = string
+  default     = "fleet"
+}
+
 variable "suite" {
   type    = string
   default = "production"
@@ -100,6 +106,9 @@ locals {
   # The agent's /healthz (health.listen in its config; default 0.0.0.0:9100).
   agent_health_port = 9100
   repo_url          = "s3://${var.repo_bucket}/${var.repo_prefix}"
+  # The agent's [lifecycle] hooks (README, "Lifecycle hooks").
+  launch_hook    = "${var.name}-launch"
+  terminate_hook = "${var.name}-terminate"
 }
 
 # ---- what a node may do: read the repository, nothing else --------------------
@@ -151,6 +160,34 @@ resource "aws_iam_role_policy" "lifecycle_hooks" {
       ]
       Resource = aws_autoscaling_group.nodes.arn
     }]
+  })
+}
+
+# Same as the fleet statements of ../iam-policy.json: rollouts (README,
+# "Rollouts") coordinate through the fleet prefix, which nodes read and
+# write: in-flight leases, halt markers, node reports. The repository
+# stays read-only. ListBucket on the fleet prefix only: with it S3 answers
+# 404, not 403, for a halt marker that does not exist.
+resource "aws_iam_role_policy" "fleet" {
+  name = "coordinate-rollouts"
+  role = aws_iam_role.node.id
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [
+      {
+        Sid      = "CoordinateThroughTheFleetPrefix"
+        Effect   = "Allow"
+        Action   = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"]
+        Resource = "arn:aws:s3:::${var.repo_bucket}/${var.fleet_prefix}/*"
+      },
+      {
+        Sid       = "ListTheFleetPrefixOnly"
+        Effect    = "Allow"
+        Action    = "s3:ListBucket"
+        Resource  = "arn:aws:s3:::${var.repo_bucket}"
+        Condition = { StringLike = { "s3:prefix" = ["${var.fleet_prefix}/*"] } }
+      },
+    ]
   })
 }
 
@@ -288,6 +325,9 @@ resource "aws_launch_template" "node" {
     "export PULLDEPLOY_DEB='${var.agent_deb}'",
     "export PULLDEPLOY_DEB_SHA256='${var.agent_deb_sha256}'",
     "export PULLDEPLOY_CHECK_URL='${var.app_health_url}'",
+    "export PULLDEPLOY_FLEET_URL='s3://${var.repo_bucket}/${var.fleet_prefix}'",
+    "export PULLDEPLOY_LAUNCH_HOOK='${local.launch_hook}'",
+    "export PULLDEPLOY_TERMINATE_HOOK='${local.terminate_hook}'",
     file("${path.module}/../user-data.sh"),
   ]))
 
@@ -315,6 +355,27 @@ resource "aws_autoscaling_group" "nodes" {
   launch_template {
     id      = aws_launch_template.node.id
     version = aws_launch_template.node.latest_version
+  }
+
+  # A new instance enters service only once the agent has installed the
+  # app and found it healthy (it completes this hook with CONTINUE, or
+  # ABANDON when the first install fails for good; it sends heartbeats
+  # meanwhile). ABANDON on timeout: an instance that never said is not
+  # put in service.
+  initial_lifecycle_hook {
+    name                 = local.launch_hook
+    lifecycle_transition = "autoscaling:EC2_INSTANCE_LAUNCHING"
+    default_result       = "ABANDON"
+    heartbeat_timeout    = 300
+  }
+
+  # A terminating instance drains (/healthz 503 for health.drain, no new
+  # install) before it completes this hook with CONTINUE.
+  initial_lifecycle_hook {
+    name                 = local.terminate_hook
+    lifecycle_transition = "autoscaling:EC2_INSTANCE_TERMINATING"
+    default_result       = "CONTINUE"
+    heartbeat_timeout    = 120
   }
 
   # A new launch template version (a new agent .deb, new settings) rolls
