@@ -16,6 +16,7 @@ use super::{Operation, Publisher, print_report};
 use crate::cli::{RolloutArgs, RolloutCommand, RolloutTarget};
 use crate::error::{Error, PublishError};
 use crate::rollout::{self, Policy};
+use crate::webhook::PublisherEvent;
 
 /// `pulldeploy rollout ...`.
 pub async fn rollout(args: RolloutArgs) -> Result<(), Error> {
@@ -54,6 +55,13 @@ pub async fn rollout(args: RolloutArgs) -> Result<(), Error> {
         .update(&target.suite, Operation::Rollout(change))
         .await?;
     print_report(&report);
+    super::announce(
+        &target.repo,
+        PublisherEvent::Rollout,
+        &target.suite,
+        &report,
+    )
+    .await;
     Ok(())
 }
 
