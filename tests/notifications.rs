@@ -199,22 +199,16 @@ fn a_hanging_webhook_delays_no_cycle_and_its_failure_shows_in_metrics() {
 
     break_repository(&f);
     hook.wait_for_requests(1, DELIVERY);
-    // While the message hangs (5 s per try, three tries), cycles go on at
-    // their 1 s interval, each as short as ever.
-    let started = Instant::now();
+    // The message hangs for at least 5 + 1 + 5 + 2 + 5 = 18 s before it
+    // is given up. Cycles go on at their 1 s interval meanwhile: a loop
+    // that waited for the webhook would run none until it gave up.
     wait_for_cycles(
         port,
-        "five failed cycles while the webhook hangs",
-        5.0,
+        "three failed cycles while the webhook hangs",
+        3.0,
         true,
     );
-    let took = started.elapsed();
-    assert!(
-        took < Duration::from_secs(25),
-        "five 1 s cycles took {took:?}"
-    );
-    let last = sample(&metrics(port), "pulldeploy_last_cycle_duration_seconds");
-    assert!(last < 3.0, "a cycle took {last} s");
+    assert_eq!(webhook_counts(port), (0.0, 0.0, 0.0), "still in flight");
 
     // The message is given up after its three tries, and counted.
     wait_for("the webhook message given up", DELIVERY, || {
