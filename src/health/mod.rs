@@ -82,7 +82,14 @@ impl Health {
             draining: std::sync::atomic::AtomicBool::new(false),
             terminating: std::sync::atomic::AtomicBool::new(false),
             check_url_lock: RwLock::new(check_url),
-            client: reqwest::Client::new(),
+            // check_url is plain http (config): no TLS roots to load, so
+            // building the client reads nothing from the OS. (With roots,
+            // a store of only unparsable certificates fails the build, and
+            // reqwest's Client::new() panics on that.)
+            client: reqwest::Client::builder()
+                .tls_built_in_root_certs(false)
+                .build()
+                .unwrap_or_default(),
         })
     }
 
