@@ -27,7 +27,6 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
-use crate::agent::Outcome;
 use crate::config::{Config, NodeEvent};
 use crate::error::Error;
 use crate::state::Pending;
@@ -508,12 +507,12 @@ pub struct FailingStreak {
 }
 
 impl FailingStreak {
-    /// Counts a finished cycle and tells `notifier` when the streak
-    /// reaches its `failing_after`. `installed`: the committed versions,
-    /// for the message.
-    pub fn record(
+    /// Counts a finished cycle (its result) and tells `notifier` when the
+    /// streak reaches its `failing_after`. `installed`: the committed
+    /// versions, for the message.
+    pub fn record<T>(
         &mut self,
-        result: &Result<Outcome, Error>,
+        result: &Result<T, Error>,
         installed: &BTreeMap<String, String>,
         notifier: &Notifier,
     ) {
