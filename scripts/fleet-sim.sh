@@ -63,10 +63,12 @@ shm_parent=/tmp
 [ -d /dev/shm ] && [ -w /dev/shm ] && shm_parent=/dev/shm
 work="$(mktemp -d "$shm_parent/pdsim-nodes.XXXXXX")"
 moto_pid=""
+sim_pid=""
 cleanup() {
   local rc=$? i
   set +e
   trap - EXIT INT TERM
+  [ -n "$sim_pid" ] && kill -TERM "$sim_pid" 2>/dev/null && wait "$sim_pid" 2>/dev/null
   if [ -n "$moto_pid" ]; then
     kill -TERM "$moto_pid" 2>/dev/null
     for i in $(seq 50); do kill -0 "$moto_pid" 2>/dev/null || break; sleep 0.1; done
@@ -190,5 +192,10 @@ say "running $nodes nodes (interval ${interval}s + ${jitter}s jitter, waves $wav
   --nodes "$nodes" --interval "${interval}s" --jitter "${jitter}s" --report-interval "${report}s" \
   --drain "$drain" --install-time "$install_time" \
   --policy-suite production --waves "$waves" --max-in-flight "$max_in_flight" --direct-suite direct \
-  --note "moto $moto_version (one python process, threaded werkzeug) on 127.0.0.1; node state on $shm_parent; $profile build"
+  --note "moto $moto_version (one python process, threaded werkzeug) on 127.0.0.1; node state on $shm_parent; $profile build" &
+# In the background and waited for: bash runs the INT/TERM trap (which stops it) only between
+# commands, never while a foreground child runs.
+sim_pid=$!
+wait "$sim_pid"
+sim_pid=""
 say "done"
