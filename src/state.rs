@@ -60,6 +60,9 @@ pub struct State {
 pub struct Waiting {
     pub reason: String,
     pub recheck_at: Option<DateTime<Utc>>,
+    /// Waiting for an in-flight lease: tried again at every poll.
+    #[serde(default)]
+    pub for_lease: bool,
 }
 
 /// How many events state.json keeps.

@@ -436,7 +436,7 @@ fn a_bad_version_is_tried_by_the_first_wave_and_then_by_nobody() {
         wait_for("the halt seen", LIMIT, || {
             node.state()
                 .waiting
-                .is_some_and(|w| w.reason.contains("halted myapp 1.1"))
+                .is_some_and(|w| w.reason.contains("halted: myapp 1.1"))
         });
     }
     assert!(Utc::now() >= start + secs(8));
@@ -445,6 +445,9 @@ fn a_bad_version_is_tried_by_the_first_wave_and_then_by_nobody() {
         assert_eq!(node.installed("myapp").as_deref(), Some("1.0"));
     }
     for node in &nodes[1..] {
+        // The halt was read before anything was downloaded.
+        let cached = node.cache_files();
+        assert!(!cached.iter().any(|f| f.contains("_1.1_")), "{cached:?}");
         assert_eq!(
             attempted_versions(node),
             ["1.0"],

@@ -20,15 +20,24 @@ use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use super::{Agent, Outcome, Plan};
+use super::plan::Choice;
+use super::{Agent, Outcome, Plan, PlannedInstall};
 use crate::error::Error;
 use crate::fleet::{Fleet, Lease, NodeReport};
+use crate::repo::packages::{Candidate, same_version};
+use crate::rollout::Policy;
 use crate::state::{State, Waiting};
 
 /// How long a lease lives without renewal: a node that dies holding one
 /// blocks its slot at most this long. Renewed every third of it while the
 /// node installs.
 pub(super) const LEASE_TTL: Duration = Duration::from_secs(120);
+
+/// The verified installs that waited for a lease, kept for the next poll.
+pub(super) struct WaitingPlan {
+    pub(super) installs: Vec<PlannedInstall>,
+    pub(super) policy: Option<Policy>,
+}
 
 /// A lease held while dpkg and the health gate run, renewed in the
 /// background.
@@ -78,66 +87,148 @@ impl Agent {
         let limit = plan.policy.as_ref().and_then(|p| p.max_in_flight);
         // A node that serves nothing yet drains nobody: it needs no lease.
         let serving = !state.installed.is_empty();
-        let mut lease = None;
-        if let (Some(slots), true) = (limit, serving) {
-            match fleet.take_lease(slots, LEASE_TTL).await {
-                Ok(Some(taken)) => lease = Some(taken),
-                Ok(None) => {
-                    let versions = describe_installs(plan);
-                    info!(%versions, slots, "every in-flight lease is held; waiting");
-                    self.health.rollout_gauges().set_waiting_for_lease(true);
-                    plan.installs.clear();
-                    plan.waiting = Some(Waiting {
-                        reason: format!(
-                            "lease: {versions} waits for one of {slots} in-flight slots"
-                        ),
-                        recheck_at: Some(now),
-                    });
-                    return Ok(None);
-                }
-                Err(e) => {
-                    fleet.log_unavailable(&e);
-                }
-            }
-        }
         self.health.rollout_gauges().set_waiting_for_lease(false);
-        let mut halted = Vec::new();
-        for install in &plan.installs {
-            match fleet.halted(&install.name, &install.to).await {
-                Ok(Some(halt)) => halted.push((install.name.clone(), install.to.clone(), halt)),
-                Ok(None) => {}
-                Err(e) => {
-                    fleet.log_unavailable(&e);
-                }
+        let Some(slots) = limit.filter(|_| serving) else {
+            // No lease to wait for: the halt check in `prepare`, just
+            // before the downloads, was the last word.
+            return Ok(None);
+        };
+        let lease = match fleet.take_lease(slots, LEASE_TTL).await {
+            Ok(Some(taken)) => taken,
+            Ok(None) => {
+                let versions = describe_installs(plan);
+                info!(%versions, slots, "every in-flight lease is held; waiting");
+                self.health.rollout_gauges().set_waiting_for_lease(true);
+                plan.waiting = Some(Waiting {
+                    reason: format!("lease: {versions} waits for one of {slots} in-flight slots"),
+                    recheck_at: None,
+                    for_lease: true,
+                });
+                // Kept for the next poll: when the Release has not changed
+                // (304) the same verified plan tries for a lease again,
+                // without reading the repository.
+                *self.lease_wait.lock().unwrap_or_else(|e| e.into_inner()) = Some(WaitingPlan {
+                    installs: std::mem::take(&mut plan.installs),
+                    policy: plan.policy.clone(),
+                });
+                return Ok(None);
             }
-        }
+            Err(e) => {
+                fleet.log_unavailable(&e);
+                return Ok(None);
+            }
+        };
+        // With the lease: the authoritative halt check. A node that held
+        // the lease before may have failed this version and halted it.
+        let chosen: Vec<(String, String)> = plan
+            .installs
+            .iter()
+            .map(|i| (i.name.clone(), i.to.clone()))
+            .collect();
+        let halted = self.halted_versions(fleet, &chosen).await;
         if !halted.is_empty() {
-            let mut reasons = Vec::new();
-            for (name, version, halt) in &halted {
-                let by =
-                    crate::fleet::printable(halt.node.as_deref().unwrap_or("an unreadable marker"));
-                let reason = crate::fleet::printable(halt.reason.as_deref().unwrap_or(""));
-                warn!(package = %name, %version, halted_by = %by, %reason, "version halted in the fleet; not installing it");
-                reasons.push(format!("halted {name} {version} (by {by})"));
-            }
             plan.installs
                 .retain(|i| !halted.iter().any(|(n, v, _)| *n == i.name && *v == i.to));
+            let reasons: Vec<String> = halted
+                .iter()
+                .map(|(name, version, by)| format!("halted: {name} {version} (by {by})"))
+                .collect();
             let recheck = chrono::Duration::from_std(self.config.fleet.report_interval)
                 .unwrap_or(chrono::Duration::MAX);
             plan.waiting = Some(Waiting {
-                reason: reasons.join(", "),
+                reason: reasons.join("; "),
                 recheck_at: Some(now + recheck),
+                for_lease: false,
             });
         }
         if plan.installs.is_empty() {
-            if let Some(lease) = lease
-                && let Err(e) = lease.release(fleet).await
-            {
+            if let Err(e) = lease.release(fleet).await {
                 fleet.log_unavailable(&e);
             }
             return Ok(None);
         }
-        Ok(lease.map(|lease| renew_in_background(fleet.clone(), lease)))
+        Ok(Some(renew_in_background(fleet.clone(), lease)))
+    }
+
+    /// Drops from `candidates` the versions known to be halted (checked
+    /// within the last `report_interval`), without a request; returns
+    /// them as (package, version, halted by).
+    pub(super) fn drop_known_halts(
+        &self,
+        candidates: &mut Vec<Candidate>,
+    ) -> Vec<(String, String, String)> {
+        let known = self.halts_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let recheck = self.config.fleet.report_interval;
+        let mut dropped = Vec::new();
+        candidates.retain(|c| {
+            let version = c.version.to_string();
+            let halted = known.iter().find(|((name, v), (at, _))| {
+                *name == c.name && same_version(v, &version) && at.elapsed() < recheck
+            });
+            match halted {
+                Some((_, (_, by))) => {
+                    dropped.push((c.name.clone(), version, by.clone()));
+                    false
+                }
+                None => true,
+            }
+        });
+        dropped
+    }
+
+    /// The chosen versions that are halted in the fleet: one request per
+    /// version, before anything is downloaded for it.
+    pub(super) async fn halted_choices(
+        &self,
+        chosen: &[Choice<'_>],
+    ) -> Vec<(String, String, String)> {
+        let Some(fleet) = &self.fleet else {
+            return Vec::new();
+        };
+        let versions: Vec<(String, String)> = chosen
+            .iter()
+            .map(|c| (c.candidate.name.clone(), c.candidate.version.to_string()))
+            .collect();
+        self.halted_versions(fleet, &versions).await
+    }
+
+    /// Reads the halt marker of each (package, version), remembering what
+    /// it found; returns the halted ones with who halted them. A fleet
+    /// store that cannot be read counts as "not halted" (the signed
+    /// repository decides what is offered; a halt is an extra brake).
+    async fn halted_versions(
+        &self,
+        fleet: &Fleet,
+        versions: &[(String, String)],
+    ) -> Vec<(String, String, String)> {
+        let mut halted = Vec::new();
+        for (name, version) in versions {
+            let key = (name.clone(), version.clone());
+            match fleet.halted(name, version).await {
+                Ok(Some(halt)) => {
+                    let by = crate::fleet::printable(
+                        halt.node.as_deref().unwrap_or("an unreadable marker"),
+                    );
+                    let reason = crate::fleet::printable(halt.reason.as_deref().unwrap_or(""));
+                    warn!(package = %name, %version, halted_by = %by, %reason, "version halted in the fleet; not installing it");
+                    self.halts_seen
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key, (Instant::now(), by.clone()));
+                    halted.push((name.clone(), version.clone(), by));
+                }
+                Ok(None) => {
+                    self.halts_seen
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&key);
+                }
+                Err(e) => {
+                    fleet.log_unavailable(&e);
+                }
+            }
+        }
+        halted
     }
 
     /// After an install: a halt marker for every version this attempt
@@ -203,9 +294,7 @@ impl Agent {
             installed: super::committed_versions(state),
             wave_position: position,
             wave,
-            last_outcome: outcome
-                .map(str::to_string)
-                .or_else(|| state.last_poll.as_ref().map(|p| p.outcome.to_string())),
+            last_outcome: self.reported_outcome(outcome, state),
             last_error: match (&state.last_error, &state.last_poll) {
                 (Some(error), Some(poll)) if error.at > poll.at => Some(error.message.clone()),
                 (Some(error), None) => Some(error.message.clone()),
@@ -236,6 +325,20 @@ impl Agent {
                 fleet.log_unavailable(&e);
             }
         }
+    }
+}
+
+impl Agent {
+    /// The outcome a report gives: the last one that said something. An
+    /// unchanged poll says nothing new, so a node that alternates between
+    /// "waiting: ..." and "unchanged" does not rewrite its report each time.
+    fn reported_outcome(&self, outcome: Option<&str>, state: &State) -> Option<String> {
+        let mut last = self.last_outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(text) = outcome.filter(|text| *text != "unchanged") {
+            *last = Some(text.to_string());
+        }
+        last.clone()
+            .or_else(|| state.last_poll.as_ref().map(|p| p.outcome.to_string()))
     }
 }
 

@@ -36,8 +36,17 @@ impl Agent {
         let Some(accepted) = &state.release else {
             return false;
         };
+        let lease_plan_lost = |w: &crate::state::Waiting| {
+            w.for_lease
+                && self
+                    .lease_wait
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_none()
+        };
         if let Some(waiting) = &state.waiting
-            && waiting.recheck_at.is_some_and(|at| at <= self.clock.now())
+            && (waiting.recheck_at.is_some_and(|at| at <= self.clock.now())
+                || lease_plan_lost(waiting))
         {
             debug!(reason = %waiting.reason, "time to look at the rollout again");
             return false;

@@ -20,12 +20,13 @@ use chrono::{DateTime, Utc};
 use tracing::{debug, info, warn};
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{Config, PackageSpec};
 use crate::error::{Error, InstallError, StateError, VerifyError};
 use crate::fleet::Fleet;
 use crate::health::Health;
 use crate::install::{Dpkg, DpkgStatus, Installer};
 use crate::keyring::Keyring;
+use crate::repo::packages::same_version;
 use crate::repo::release::{self};
 use crate::rollout::Policy;
 use crate::source::{self, Source};
@@ -81,6 +82,14 @@ pub struct Agent {
     wave: Mutex<(Option<f64>, Option<usize>)>,
     /// The last report written, and when.
     last_report: Mutex<Option<(Instant, Vec<u8>)>>,
+    /// The last outcome that said something (an unchanged poll does not
+    /// change what the node reports).
+    last_outcome: Mutex<Option<String>>,
+    /// Versions found halted in the fleet: (package, version) -> when
+    /// checked, by whom. Not asked again within `report_interval`.
+    halts_seen: Mutex<std::collections::HashMap<(String, String), (Instant, String)>>,
+    /// Verified installs that wait for an in-flight lease.
+    lease_wait: Mutex<Option<coordinate::WaitingPlan>>,
 }
 
 /// What a cycle did.
@@ -145,6 +154,9 @@ pub struct Plan {
     policy: Option<Policy>,
     /// What the rollout holds back.
     waiting: Option<Waiting>,
+    /// The .debs were verified in an earlier cycle (a plan that waited for
+    /// a lease): hashed again before dpkg.
+    recheck_debs: bool,
 }
 
 struct PlannedInstall {
@@ -229,6 +241,9 @@ impl Agent {
             node_id: tokio::sync::OnceCell::new(),
             wave: Mutex::new((None, None)),
             last_report: Mutex::new(None),
+            last_outcome: Mutex::new(None),
+            halts_seen: Mutex::new(std::collections::HashMap::new()),
+            lease_wait: Mutex::new(None),
         }
     }
 
@@ -446,8 +461,24 @@ impl Agent {
             true => state.release.as_ref().and_then(|r| r.etag.as_deref()),
             false => None,
         };
+        // A plan that waited for a lease is tried again as it is while the
+        // Release has not changed; any change reads the repository anew.
+        let lease_wait = self
+            .lease_wait
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let Some(signed) = self.fetch_signed_release(state, etag).await? else {
             debug!("Release unchanged (304)");
+            if let (Some(waited), Some(accepted)) = (lease_wait, &state.release) {
+                return Ok(Some(Plan {
+                    release: accepted.clone(),
+                    installs: waited.installs,
+                    policy: waited.policy,
+                    waiting: None,
+                    recheck_debs: true,
+                }));
+            }
             // Freshness still holds for the Release we run on: an expired or
             // frozen repository, or a clock gone backwards, is reported even
             // when nothing changed.
@@ -488,16 +519,44 @@ impl Agent {
             }
             None => None,
         };
-        let specs = held
+        let mut specs: Vec<PackageSpec> = held
             .as_ref()
-            .map_or(&self.config.agent.packages[..], |held| &held.specs[..]);
+            .map_or(&self.config.agent.packages[..], |held| &held.specs[..])
+            .to_vec();
         let index_url = self.source.url(&self.dists(&index.path));
-        let mut choices = plan::choose(&candidates, specs, &dpkg, state, &index_url)?;
+        // Versions halted in the fleet are left out before anything is
+        // downloaded, like bad ones: the next best version is chosen.
+        let mut halted = self.drop_known_halts(&mut candidates);
+        let mut choices = loop {
+            let choices = plan::choose(&candidates, &specs, &dpkg, state, &index_url)?;
+            let found = self.halted_choices(&choices.install).await;
+            if found.is_empty() {
+                break choices;
+            }
+            drop(choices);
+            candidates.retain(|c| {
+                !found.iter().any(|(name, version, _)| {
+                    c.name == *name && same_version(&c.version.to_string(), version)
+                })
+            });
+            // A package left with nothing to choose waits, it is not missing.
+            specs.retain(|spec| {
+                spec.pinned.is_some() || candidates.iter().any(|c| c.name == spec.name)
+            });
+            halted.extend(found);
+        };
         let mut waiting = None;
         let waits_for_wave = held.as_ref().is_some_and(|h| h.next_release.is_some());
+        let mut reasons: Vec<String> = halted
+            .iter()
+            .map(|(name, version, by)| format!("halted: {name} {version} (by {by})"))
+            .collect();
+        let mut recheck_at = (!halted.is_empty()).then(|| {
+            now + chrono::Duration::from_std(self.config.fleet.report_interval)
+                .unwrap_or(chrono::Duration::MAX)
+        });
         if let Some(held) = held {
             choices.stay.extend(held.stay);
-            let mut reasons = Vec::new();
             for (package, stay) in &choices.stay {
                 match stay {
                     Stay::WaitingForWave { version, at } => reasons.push(format!(
@@ -508,20 +567,22 @@ impl Agent {
                     _ => {}
                 }
             }
-            if reasons.is_empty()
-                && let Some(at) = held.next_release
-            {
-                reasons.push(format!(
-                    "wave: a newer version reaches this node's wave at {}",
-                    at.to_rfc3339()
-                ));
+            if let Some(at) = held.next_release {
+                if !reasons.iter().any(|r| r.starts_with("wave: ")) {
+                    reasons.push(format!(
+                        "wave: a newer version reaches this node's wave at {}",
+                        at.to_rfc3339()
+                    ));
+                }
+                recheck_at = Some(recheck_at.map_or(at, |r| r.min(at)));
             }
-            if !reasons.is_empty() {
-                waiting = Some(Waiting {
-                    reason: reasons.join("; "),
-                    recheck_at: held.next_release,
-                });
-            }
+        }
+        if !reasons.is_empty() {
+            waiting = Some(Waiting {
+                reason: reasons.join("; "),
+                recheck_at,
+                for_lease: false,
+            });
         }
         self.health
             .rollout_gauges()
@@ -585,6 +646,7 @@ impl Agent {
             installs,
             policy,
             waiting,
+            recheck_debs: false,
         }))
     }
 

@@ -266,6 +266,7 @@ impl Node {
             }],
             policy: None,
             waiting: None,
+            recheck_debs: false,
         }
     }
 }

@@ -57,7 +57,11 @@ impl Agent {
                 })
                 .collect(),
         };
-        self.run_pending(pending, state, DebCheck::JustNow).await
+        let debs = match plan.recheck_debs {
+            true => DebCheck::Again,
+            false => DebCheck::JustNow,
+        };
+        self.run_pending(pending, state, debs).await
     }
 
     /// Finishes an install that an earlier run started and did not commit

@@ -81,68 +81,143 @@ impl Fleet {
         format!("{}/leases/{slot}", self.suite)
     }
 
-    /// Takes one of `slots` leases (see the module doc), trying the slots
-    /// in order: `Ok(None)` when each is held by a live lease of another
-    /// node. A lease this node holds already (it restarted mid-install)
-    /// is taken over. `ttl` is capped at [`MAX_LEASE_TTL`].
+    /// The slots (below `slots`) that have a lease object now: one LIST.
+    async fn present_slots(&self, slots: u32) -> Result<Vec<u32>, FleetError> {
+        let prefix = format!("{}/leases/", self.suite);
+        Ok(self
+            .list(&prefix)
+            .await?
+            .into_iter()
+            .filter_map(|path| {
+                let name = path.strip_prefix(&prefix)?.to_string();
+                let slot = name.parse::<u32>().ok()?;
+                (slot.to_string() == name && slot < slots).then_some(slot)
+            })
+            .collect())
+    }
+
+    /// Takes one of `slots` leases (see the module doc): `Ok(None)` when
+    /// each is held by a live lease of another node. A lease this node
+    /// holds already (it restarted mid-install) is taken over. `ttl` is
+    /// capped at [`MAX_LEASE_TTL`].
+    ///
+    /// What it costs matters when many nodes wait: one LIST says which
+    /// slots have a lease; free ones are tried first, from a random one
+    /// on (so waiting nodes do not all race for slot 0); a held slot is
+    /// read only when this node has not already seen a live lease there
+    /// (its `Expires` is remembered), so a node that waits while every
+    /// slot is busy makes one request per attempt.
     pub async fn take_lease(&self, slots: u32, ttl: Duration) -> Result<Option<Lease>, FleetError> {
         let ttl = ttl.min(MAX_LEASE_TTL);
-        for slot in 0..slots {
-            let path = self.lease_path(slot);
-            let now = Utc::now();
-            let text = lock_text(&self.node_id, now, ttl);
-            let body = Body::Bytes(text.as_bytes());
-            let lease = |etag| Lease {
-                slot,
-                path: path.clone(),
-                etag,
-                ttl,
-                expires: expiry(now, ttl),
-            };
-            match self.put(&path, body, Condition::IfAbsent).await? {
-                Written::Done { etag } => {
-                    info!(lease = %self.store.url(&path), node = %self.node_id, "lease taken");
-                    return Ok(Some(lease(etag)));
-                }
-                Written::PreconditionFailed => {}
+        if slots == 0 {
+            return Ok(None);
+        }
+        let present = self.present_slots(slots).await?;
+        let first = rand::random_range(0..slots);
+        let order = (0..slots).map(|i| (first + i) % slots);
+        let (held, free): (Vec<u32>, Vec<u32>) = order.partition(|s| present.contains(s));
+        for slot in free {
+            if let Some(lease) = self.create_lease(slot, ttl).await? {
+                return Ok(Some(lease));
             }
-            // Held: ours from before a restart, or expired, or live.
-            let Some(current) = self.get(&path, MAX_LEASE_READ).await? else {
-                // Released between the two requests; the next attempt of
-                // the caller (a poll later) tries again. No loop here: a
-                // node should not spin on a contended slot.
-                continue;
-            };
-            let holder = (current.bytes.len() as u64 <= MAX_LEASE_BYTES)
-                .then(|| parse_holder(&current.bytes))
-                .flatten();
-            let ours = holder.as_ref().is_some_and(|h| h.owner == self.node_id);
-            if !ours && !expired(holder.as_ref(), Utc::now()) {
+        }
+        for slot in held {
+            let live_until = self.seen_leases().get(&slot).copied();
+            if live_until.is_some_and(|until| until > Utc::now()) {
                 continue;
             }
-            let Some(etag) = current.etag.as_deref() else {
-                continue;
-            };
-            match self.put(&path, body, Condition::IfMatch(etag)).await? {
-                Written::Done { etag } => {
-                    match ours {
-                        true => {
-                            info!(lease = %self.store.url(&path), "took over this node's own lease")
-                        }
-                        false => warn!(
-                            lease = %self.store.url(&path),
-                            stale_holder = %holder.as_ref().map(|h| h.owner.as_str()).unwrap_or("unreadable lease"),
-                            expired = %holder.as_ref().and_then(|h| h.expires).map(|e| e.to_rfc3339()).unwrap_or_default(),
-                            "broke an expired lease"
-                        ),
-                    }
-                    return Ok(Some(lease(etag)));
-                }
-                // Another node broke it first.
-                Written::PreconditionFailed => continue,
+            if let Some(lease) = self.take_held_lease(slot, ttl).await? {
+                return Ok(Some(lease));
             }
         }
         Ok(None)
+    }
+
+    fn seen_leases(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u32, DateTime<Utc>>> {
+        self.seen_leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A lease for `slot` if it has none (`If-None-Match: *`).
+    async fn create_lease(&self, slot: u32, ttl: Duration) -> Result<Option<Lease>, FleetError> {
+        let path = self.lease_path(slot);
+        let now = Utc::now();
+        let text = lock_text(&self.node_id, now, ttl);
+        match self
+            .put(&path, Body::Bytes(text.as_bytes()), Condition::IfAbsent)
+            .await?
+        {
+            Written::Done { etag } => {
+                info!(lease = %self.store.url(&path), node = %self.node_id, "lease taken");
+                Ok(Some(Lease {
+                    slot,
+                    path,
+                    etag,
+                    ttl,
+                    expires: expiry(now, ttl),
+                }))
+            }
+            Written::PreconditionFailed => Ok(None),
+        }
+    }
+
+    /// The lease of a held `slot`, if it is this node's own (from before a
+    /// restart) or expired: replaced with `If-Match` on the ETag read.
+    async fn take_held_lease(&self, slot: u32, ttl: Duration) -> Result<Option<Lease>, FleetError> {
+        let path = self.lease_path(slot);
+        let Some(current) = self.get(&path, MAX_LEASE_READ).await? else {
+            // Released since the LIST: the next attempt (a poll later)
+            // finds it free. No loop here: a node should not spin.
+            return Ok(None);
+        };
+        let holder = (current.bytes.len() as u64 <= MAX_LEASE_BYTES)
+            .then(|| parse_holder(&current.bytes))
+            .flatten();
+        let ours = holder.as_ref().is_some_and(|h| h.owner == self.node_id);
+        let now = Utc::now();
+        if !ours && !expired(holder.as_ref(), now) {
+            if let Some(expires) = holder.as_ref().and_then(|h| h.expires) {
+                self.seen_leases().insert(slot, expires);
+            }
+            return Ok(None);
+        }
+        let Some(etag) = current.etag.as_deref() else {
+            return Ok(None);
+        };
+        let text = lock_text(&self.node_id, now, ttl);
+        match self
+            .put(
+                &path,
+                Body::Bytes(text.as_bytes()),
+                Condition::IfMatch(etag),
+            )
+            .await?
+        {
+            Written::Done { etag } => {
+                match ours {
+                    true => {
+                        info!(lease = %self.store.url(&path), "took over this node's own lease")
+                    }
+                    false => warn!(
+                        lease = %self.store.url(&path),
+                        stale_holder = %holder.as_ref().map(|h| h.owner.as_str()).unwrap_or("unreadable lease"),
+                        expired = %holder.as_ref().and_then(|h| h.expires).map(|e| e.to_rfc3339()).unwrap_or_default(),
+                        "broke an expired lease"
+                    ),
+                }
+                self.seen_leases().remove(&slot);
+                Ok(Some(Lease {
+                    slot,
+                    path,
+                    etag,
+                    ttl,
+                    expires: expiry(now, ttl),
+                }))
+            }
+            // Another node broke it first.
+            Written::PreconditionFailed => Ok(None),
+        }
     }
 
     /// Every lease object of the suite, in slot order.

@@ -57,6 +57,9 @@ pub struct Fleet {
     node_id: String,
     /// Set once the "no write access" warning was logged.
     warned_forbidden: AtomicBool,
+    /// Lease slots seen held by another node's live lease, and until when
+    /// (see `Fleet::take_lease`): not read again before then.
+    seen_leases: std::sync::Mutex<std::collections::HashMap<u32, chrono::DateTime<chrono::Utc>>>,
 }
 
 impl Fleet {
@@ -103,6 +106,7 @@ impl Fleet {
             suite: suite.to_string(),
             node_id: node_id.to_string(),
             warned_forbidden: AtomicBool::new(false),
+            seen_leases: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
