@@ -251,7 +251,7 @@ fn waves_install_in_order_and_a_fresh_node_follows_its_wave() {
         rig.node(&ids[1], false, ""),
         rig.node(&ids[2], true, ""),
     ];
-    let _running: Vec<Running> = nodes.iter().map(run).collect();
+    let mut running: Vec<Running> = nodes.iter().map(run).collect();
     for node in &nodes {
         wait_installed(node, "1.0");
     }
@@ -259,6 +259,29 @@ fn waves_install_in_order_and_a_fresh_node_follows_its_wave() {
     rig.rollout(&["set", "--waves", "34%@0s,67%@10s,100%@20s"]);
     rig.publish(&[pkg("myapp", "1.1")]);
     let start = rig.started("1.1");
+    // The last wave's node says on /metrics where it stands and that it
+    // waits for its wave.
+    let port = running[2].health_port();
+    let mut metrics = String::new();
+    wait_for("waiting for the wave on /metrics", LIMIT, || {
+        metrics = common::http::http_request(port, "GET", "/metrics", &[], &[]).text();
+        metrics.contains("pulldeploy_rollout_waiting_for_wave 1")
+            || committed(&nodes[2]).is_some_and(|(v, _)| v == "1.1")
+    });
+    // (Unless the machine was so slow that the wave came first.)
+    if metrics.contains("pulldeploy_rollout_waiting_for_wave 1") {
+        assert!(metrics.contains("pulldeploy_rollout_wave 3"), "{metrics}");
+        assert!(
+            metrics.contains("pulldeploy_rollout_waiting_for_lease 0"),
+            "{metrics}"
+        );
+        let shown: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("pulldeploy_rollout_wave_position "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no wave position in {metrics}"));
+        assert!((shown - position(&ids[2])).abs() < 1e-9, "{shown}");
+    }
     // A node that boots now, in the last wave, installs what its wave has.
     let fresh = rig.node(&ids[3], true, "");
     let _fresh = run(&fresh);

@@ -253,9 +253,9 @@ impl Agent {
                         warn!(%package, %version, "wrote the fleet halt marker: no other node installs this version");
                         self.notifier.node_event(
                             crate::config::NodeEvent::Halt,
+                            // The notifier names the node and the suite.
                             format!(
-                                "{package} {version} halted in suite {} by node {}: {error}",
-                                self.config.repository.suite,
+                                "{package} {version} halted for the fleet (node id {}): {error}",
                                 fleet.node_id()
                             ),
                         );
