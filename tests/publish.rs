@@ -26,7 +26,7 @@ use common::cmd::host_path;
 use common::deb::{DebSpec, build_deb};
 use common::dpkg::SandboxRoot;
 use common::gpg::GpgKey;
-use common::moto::Moto;
+use common::moto::{Moto, static_aws_env};
 use common::node::{Node, failure};
 use pulldeploy::keyring::Keyring;
 use pulldeploy::publish::store::{Body, Condition, DirStore, S3Store, Store, Written};
@@ -105,7 +105,7 @@ impl Repo {
 
     fn node(&self, packages: &[&str]) -> Node {
         let node = Node::new(&self.node_repository(), &self.key.public_key, packages, "");
-        node.with_env(aws_env())
+        node.with_env(static_aws_env())
     }
 
     fn deb(&self, spec: &DebSpec) -> PathBuf {
@@ -124,7 +124,7 @@ impl Repo {
             .env("PATH", host_path())
             .env("HOME", self.home.path())
             .env("PULLDEPLOY_LOG", "info")
-            .envs(aws_env())
+            .envs(static_aws_env())
             .arg(subcommand)
             .args(["--repo", &self.url()])
             .arg("--signing-key")
@@ -183,23 +183,6 @@ impl Repo {
 
 fn rand_suffix() -> String {
     hex::encode(common::cmd::random_bytes(4))
-}
-
-/// Static credentials for moto, nothing from the host, no IMDS.
-fn aws_env() -> Vec<(String, String)> {
-    [
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-        ("AWS_CONFIG_FILE", "/dev/null"),
-        (
-            "AWS_SHARED_CREDENTIALS_FILE",
-            "/nonexistent/aws-credentials",
-        ),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
 }
 
 #[track_caller]

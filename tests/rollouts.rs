@@ -33,7 +33,7 @@ use chrono::{DateTime, Utc};
 use common::cmd::host_path;
 use common::fixture::{Pkg, Running, build, dpkg_log, healthz, pkg, wait_for};
 use common::gpg::GpgKey;
-use common::moto::Moto;
+use common::moto::{Moto, static_aws_env};
 use common::moto_iam::{enforce_iam, iam_user};
 use common::node::Node;
 use pulldeploy::rollout::{Policy, position};
@@ -52,23 +52,6 @@ struct Rig {
     key: GpgKey,
     debs: tempfile::TempDir,
     home: tempfile::TempDir,
-}
-
-/// Static credentials for moto, nothing from the host, no IMDS.
-fn aws_env() -> Vec<(String, String)> {
-    [
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-        ("AWS_CONFIG_FILE", "/dev/null"),
-        (
-            "AWS_SHARED_CREDENTIALS_FILE",
-            "/nonexistent/aws-credentials",
-        ),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
 }
 
 #[track_caller]
@@ -103,7 +86,7 @@ impl Rig {
             .env("PATH", host_path())
             .env("HOME", self.home.path())
             .env("PULLDEPLOY_LOG", "warn")
-            .envs(aws_env())
+            .envs(static_aws_env())
             .env("AWS_ACCESS_KEY_ID", &self.keys.0)
             .env("AWS_SECRET_ACCESS_KEY", &self.keys.1)
             .args(args)
@@ -168,7 +151,7 @@ impl Rig {
         };
         let extra = format!("{health}\n[fleet]\n{url}node_id = {id:?}\nreport_interval = \"2s\"\n");
         let key = &self.key.public_key;
-        Node::new(&repository, key, &["myapp"], &extra).with_env(aws_env())
+        Node::new(&repository, key, &["myapp"], &extra).with_env(static_aws_env())
     }
 
     fn fleet_status(&self) -> serde_json::Value {

@@ -150,13 +150,7 @@ impl Fleet {
         {
             Written::Done { etag } => {
                 info!(lease = %self.store.url(&path), node = %self.node_id, "lease taken");
-                Ok(Some(Lease {
-                    slot,
-                    path,
-                    etag,
-                    ttl,
-                    expires: expiry(now, ttl),
-                }))
+                Ok(Some(Lease::written(slot, path, etag, ttl, now)))
             }
             Written::PreconditionFailed => Ok(None),
         }
@@ -207,13 +201,7 @@ impl Fleet {
                     ),
                 }
                 self.seen_leases().remove(&slot);
-                Ok(Some(Lease {
-                    slot,
-                    path,
-                    etag,
-                    ttl,
-                    expires: expiry(now, ttl),
-                }))
+                Ok(Some(Lease::written(slot, path, etag, ttl, now)))
             }
             // Another node broke it first.
             Written::PreconditionFailed => Ok(None),
@@ -260,6 +248,23 @@ impl Fleet {
 }
 
 impl Lease {
+    /// The lease this node just wrote at `path` (at `now`, for `ttl`).
+    fn written(
+        slot: u32,
+        path: String,
+        etag: Option<String>,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Lease {
+        Lease {
+            slot,
+            path,
+            etag,
+            ttl,
+            expires: expiry(now, ttl),
+        }
+    }
+
     pub fn slot(&self) -> u32 {
         self.slot
     }

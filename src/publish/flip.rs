@@ -97,15 +97,18 @@ impl Publisher {
                     .as_ref()
                     .and_then(|c| c.valid_until.map(|v| date + (v - c.date))),
             };
+            // Refresh and rollout change a suite that must exist.
+            let existing = || {
+                current
+                    .as_ref()
+                    .ok_or_else(|| PublishError::NothingToRefresh {
+                        suite: suite.to_string(),
+                        url: self.store.url(&Self::dists(suite, "InRelease")),
+                    })
+            };
             let content = match operation {
                 Operation::Refresh => {
-                    let current =
-                        current
-                            .as_ref()
-                            .ok_or_else(|| PublishError::NothingToRefresh {
-                                suite: suite.to_string(),
-                                url: self.store.url(&Self::dists(suite, "InRelease")),
-                            })?;
+                    let current = existing()?;
                     Content {
                         release_text: index::refreshed_release(&current.release, date, valid_until),
                         new_pool_files: BTreeSet::new(),
@@ -113,13 +116,7 @@ impl Publisher {
                     }
                 }
                 Operation::Rollout(change) => {
-                    let current =
-                        current
-                            .as_ref()
-                            .ok_or_else(|| PublishError::NothingToRefresh {
-                                suite: suite.to_string(),
-                                url: self.store.url(&Self::dists(suite, "InRelease")),
-                            })?;
+                    let current = existing()?;
                     match self
                         .rollout_content(suite, current, change, date, valid_until)
                         .await?

@@ -400,3 +400,23 @@ fn xml_elements(xml: &str, tag: &str) -> Vec<String> {
     }
     out
 }
+
+/// Static credentials for moto (which accepts any), nothing from the
+/// host's AWS config, and no IMDS: the environment of a publisher or node
+/// that talks to moto.
+#[allow(dead_code, reason = "not every test binary uses it")]
+pub fn static_aws_env() -> Vec<(String, String)> {
+    [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/dev/null"),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/aws-credentials",
+        ),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
