@@ -218,6 +218,14 @@ fn attempted_versions(node: &Node) -> Vec<String> {
     versions
 }
 
+/// The value of the sample `name` (no labels) in a Prometheus text page.
+fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 fn secs(n: i64) -> chrono::Duration {
     chrono::Duration::seconds(n)
 }
@@ -248,22 +256,21 @@ fn waves_install_in_order_and_a_fresh_node_follows_its_wave() {
     let mut metrics = String::new();
     wait_for("waiting for the wave on /metrics", LIMIT, || {
         metrics = common::http::http_request(port, "GET", "/metrics", &[], &[]).text();
-        metrics.contains("pulldeploy_rollout_waiting_for_wave 1")
+        metric(&metrics, "pulldeploy_rollout_waiting_for_wave") == Some(1.0)
             || committed(&nodes[2]).is_some_and(|(v, _)| v == "1.1")
     });
     // (Unless the machine was so slow that the wave came first.)
-    if metrics.contains("pulldeploy_rollout_waiting_for_wave 1") {
-        assert!(metrics.contains("pulldeploy_rollout_wave 3"), "{metrics}");
-        assert!(
-            metrics.contains("pulldeploy_rollout_waiting_for_lease 0"),
+    if metric(&metrics, "pulldeploy_rollout_waiting_for_wave") == Some(1.0) {
+        let figures = [
+            metric(&metrics, "pulldeploy_rollout_wave"),
+            metric(&metrics, "pulldeploy_rollout_waiting_for_lease"),
+            metric(&metrics, "pulldeploy_rollout_wave_position"),
+        ];
+        assert_eq!(
+            figures,
+            [Some(3.0), Some(0.0), Some(position(&ids[2]))],
             "{metrics}"
         );
-        let shown: f64 = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("pulldeploy_rollout_wave_position "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no wave position in {metrics}"));
-        assert!((shown - position(&ids[2])).abs() < 1e-9, "{shown}");
     }
     // A node that boots now, in the last wave, installs what its wave has.
     let fresh = rig.node(&ids[3], true, "");

@@ -122,12 +122,12 @@ impl RolloutGauges {
         );
         registry.register(
             "rollout_waiting_for_wave",
-            "1 while a published version is held back until this node's wave",
+            "Whether a published version is held back until this node's wave (1) or not (0)",
             self.waiting_for_wave.clone(),
         );
         registry.register(
             "rollout_waiting_for_lease",
-            "1 while an install waits for a free in-flight lease",
+            "Whether an install waits for a free in-flight lease (1) or not (0)",
             self.waiting_for_lease.clone(),
         );
     }
