@@ -205,8 +205,22 @@ impl Moto {
     }
 
     /// The object's bytes, or None when moto answers 404.
+    ///
+    /// A GET that races a PUT of the same key can get a 500 from moto
+    /// itself ("I/O operation on closed file": the overwritten object's
+    /// buffer is closed under the read); S3 has no such answer, and the
+    /// SDK retries 5xx, so the agent never sees it. This helper, a single
+    /// request, tries again a few times instead.
     pub fn get_object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
-        let resp = self.s3("GET", &object_path(bucket, key), &[], &[], &[200, 404]);
+        let path = object_path(bucket, key);
+        for _ in 0..4 {
+            let resp = self.s3("GET", &path, &[], &[], &[200, 404, 500]);
+            if resp.status != 500 {
+                return (resp.status == 200).then_some(resp.body);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let resp = self.s3("GET", &path, &[], &[], &[200, 404]);
         (resp.status == 200).then_some(resp.body)
     }
 
