@@ -75,25 +75,13 @@ async fn instance_id(endpoint: Option<&str>) -> Result<String, String> {
         .build()
         .get(INSTANCE_ID_PATH)
         .await
-        .map_err(|e| one_line(&e))?;
+        .map_err(|e| crate::source::s3::one_line(&e))?;
     Ok(id.as_ref().trim().to_string())
 }
 
 #[cfg(not(feature = "s3"))]
 async fn instance_id(_endpoint: Option<&str>) -> Result<String, String> {
     Err("built without AWS support".into())
-}
-
-/// An error and its sources, on one line.
-#[cfg(feature = "s3")]
-fn one_line(error: &dyn std::error::Error) -> String {
-    let mut parts = vec![error.to_string()];
-    let mut next = error.source();
-    while let Some(e) = next {
-        parts.push(e.to_string());
-        next = e.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(all(test, feature = "s3"))]

@@ -22,6 +22,7 @@ use super::{
 };
 use crate::config::LifecycleSettings;
 use crate::health::Health;
+use crate::source::s3::one_line;
 
 const INSTANCE_ID_PATH: &str = "/latest/meta-data/instance-id";
 const GROUP_TAG_PATH: &str = "/latest/meta-data/tags/instance/aws:autoscaling:groupName";
@@ -476,22 +477,4 @@ where
         )),
         _ => Failure::Retry(text),
     }
-}
-
-/// An error and its sources on one line, each said once.
-fn one_line(error: &(dyn StdError + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(error);
-    while let Some(e) = next {
-        let text = e.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        next = e.source();
-    }
-    parts
-        .join(": ")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
 }

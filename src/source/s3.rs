@@ -227,7 +227,7 @@ impl AsyncRead for BodyReader {
 /// `DisplayErrorContext` adds a Debug dump with raw responses, which is
 /// neither one line nor safe to log; some messages (the provider chain's)
 /// span lines, which are joined here.
-pub(super) fn one_line(error: &(dyn StdError + 'static)) -> String {
+pub(crate) fn one_line(error: &(dyn StdError + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut next = Some(error);
     while let Some(e) = next {
