@@ -149,10 +149,22 @@ struct Shared {
 
 /// Who a node is, and what it reports.
 struct NodeSide {
-    name: String,
+    host: String,
+    /// The id `fleet status` shows, once the agent knows it.
+    id: std::sync::OnceLock<String>,
     suite: String,
     events: Vec<NodeEvent>,
     failing_after: u32,
+}
+
+impl NodeSide {
+    fn name(&self) -> String {
+        match self.id.get() {
+            Some(id) if *id != self.host => format!("{id} ({})", self.host),
+            Some(id) => id.clone(),
+            None => self.host.clone(),
+        }
+    }
 }
 
 struct Message {
@@ -168,7 +180,8 @@ impl Notifier {
 
     /// The node's notifier: `[notify]` of `config` (disabled without it),
     /// counting into `counters` (the daemon's `/metrics`). The node is
-    /// named by `fleet.node_id`, else by its hostname. Must be called
+    /// named by its host name and, once known (`fleet.node_id` or
+    /// [`Notifier::set_node_id`]), its fleet id. Must be called
     /// within the tokio runtime (it starts the delivery task); outside one
     /// it warns and sends nothing.
     pub fn for_node(config: &Config, counters: Counters) -> Notifier {
@@ -176,7 +189,11 @@ impl Notifier {
             return Notifier::disabled();
         };
         let node = NodeSide {
-            name: config.fleet.node_id.clone().unwrap_or_else(hostname),
+            host: hostname(),
+            id: match &config.fleet.node_id {
+                Some(id) => std::sync::OnceLock::from(id.clone()),
+                None => std::sync::OnceLock::new(),
+            },
             suite: config.repository.suite.clone(),
             events: notify.events.clone(),
             failing_after: notify.failing_after,
@@ -234,8 +251,18 @@ impl Notifier {
         }
     }
 
+    /// Names the node by `id` too (the id in `fleet status`), so that a
+    /// message can be matched to the fleet's view; the first id given stays.
+    pub fn set_node_id(&self, id: &str) {
+        if let Some(node) = self.inner.as_ref().and_then(|inner| inner.node.as_ref()) {
+            let _ = node.id.set(id.to_string());
+        }
+    }
+
     /// A node event, if `[notify] events` lists it: "pulldeploy EVENT on
-    /// NODE (suite SUITE): TEXT". Does nothing on a publisher's notifier.
+    /// NODE (suite SUITE): TEXT", NODE being "ID (HOST)", or one of them
+    /// when they are the same or no id is known yet. Does nothing on a
+    /// publisher's notifier.
     pub fn node_event(&self, event: NodeEvent, text: String) {
         let Some(inner) = &self.inner else { return };
         let Some(node) = &inner.node else {
@@ -253,7 +280,7 @@ impl Notifier {
             &format!(
                 "pulldeploy {} on {} (suite {}): {text}",
                 event.name(),
-                node.name,
+                node.name(),
                 node.suite
             ),
         );
@@ -793,7 +820,8 @@ mod tests {
 
     fn node_notifier(url: &str, events: Vec<NodeEvent>, counters: Counters) -> Notifier {
         let node = NodeSide {
-            name: "web-1".into(),
+            host: "web-1".into(),
+            id: std::sync::OnceLock::new(),
             suite: "production".into(),
             events,
             failing_after: 3,
@@ -828,16 +856,28 @@ mod tests {
             NodeEvent::Rollback,
             "myapp 1.0 to 1.1 failed: <bad> & worse".into(),
         );
+        // Once the fleet id is known, it names the node, the host in brackets.
+        notifier.set_node_id("i-0abc");
+        notifier.set_node_id("i-other");
+        notifier.node_event(NodeEvent::Rollback, "again".into());
         assert!(notifier.flush(Duration::from_secs(20)).await);
-        assert_eq!(counters.sent.get(), 1);
+        assert_eq!(counters.sent.get(), 2);
         let bodies = receiver.bodies();
-        assert_eq!(bodies.len(), 1, "{bodies:?}");
-        let json: serde_json::Value = serde_json::from_str(&bodies[0]).unwrap();
+        assert_eq!(bodies.len(), 2, "{bodies:?}");
+        let json: Vec<serde_json::Value> = bodies
+            .iter()
+            .map(|b| serde_json::from_str(b).unwrap())
+            .collect();
         assert_eq!(
             json,
-            serde_json::json!({
-                "text": "pulldeploy rollback on web-1 (suite production): myapp 1.0 to 1.1 failed: &lt;bad&gt; &amp; worse"
-            })
+            [
+                serde_json::json!({
+                    "text": "pulldeploy rollback on web-1 (suite production): myapp 1.0 to 1.1 failed: &lt;bad&gt; &amp; worse"
+                }),
+                serde_json::json!({
+                    "text": "pulldeploy rollback on i-0abc (web-1) (suite production): again"
+                }),
+            ]
         );
     }
 

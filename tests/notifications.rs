@@ -126,9 +126,10 @@ fn a_rollback_is_told_once_naming_the_package_and_both_versions() {
     let received = hook.wait_for_requests(1, DELIVERY);
     let text = received[0].text();
     assert!(
-        text.starts_with(
-            "pulldeploy rollback on web-7 (suite production): myapp 1.0 to 1.1 failed: "
-        ),
+        text.starts_with(&format!(
+            "pulldeploy rollback on web-7 ({}) (suite production): myapp 1.0 to 1.1 failed: ",
+            hostname()
+        )),
         "{text}"
     );
     assert!(text.contains("rolled back to myapp 1.0"), "{text}");

@@ -51,7 +51,8 @@ impl Agent {
     /// /etc/machine-id; resolved once. A node that has none (no IMDS, no
     /// machine id) uses its host name, and says so.
     pub(super) async fn node_id(&self) -> &str {
-        self.node_id
+        let id = self
+            .node_id
             .get_or_init(|| async {
                 match crate::fleet::resolve_node_id(self.config.fleet.node_id.as_deref()).await {
                     Ok(id) => id,
@@ -65,7 +66,9 @@ impl Agent {
                     }
                 }
             })
-            .await
+            .await;
+        self.notifier.set_node_id(id);
+        id
     }
 
     /// Before dpkg: the in-flight lease (when needed) and the halt check
@@ -253,11 +256,9 @@ impl Agent {
                         warn!(%package, %version, "wrote the fleet halt marker: no other node installs this version");
                         self.notifier.node_event(
                             crate::config::NodeEvent::Halt,
-                            // The notifier names the node and the suite.
-                            format!(
-                                "{package} {version} halted for the fleet (node id {}): {error}",
-                                fleet.node_id()
-                            ),
+                            // The notifier names the node (by its fleet
+                            // id) and the suite.
+                            format!("{package} {version} halted for the fleet: {error}"),
                         );
                     }
                     Err(e) => {

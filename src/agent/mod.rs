@@ -251,12 +251,16 @@ impl Agent {
     /// reports); its node id is the fleet's.
     pub fn with_fleet(mut self, fleet: Fleet) -> Agent {
         self.node_id = tokio::sync::OnceCell::new_with(Some(fleet.node_id().to_string()));
+        self.notifier.set_node_id(fleet.node_id());
         self.fleet = Some(Arc::new(fleet));
         self
     }
 
     /// The agent, telling `notifier` about rollbacks.
     pub fn with_notifier(mut self, notifier: crate::webhook::Notifier) -> Agent {
+        if let Some(id) = self.node_id.get() {
+            notifier.set_node_id(id);
+        }
         self.notifier = notifier;
         self
     }
