@@ -260,18 +260,10 @@ impl Dpkg {
                 source,
             })?;
         if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            // dpkg's cause is its first "error" line; what follows is often
-            // a multi-line note or the "Errors were encountered" summary.
-            let lines = || stderr.lines().map(str::trim).filter(|l| !l.is_empty());
-            let last = lines()
-                .find(|l| l.contains("error") && !l.starts_with("Errors were encountered"))
-                .or_else(|| lines().next_back())
-                .unwrap_or_default();
             return Err(InstallError::Dpkg {
                 packages: what,
                 status: output.status.to_string(),
-                stderr: last.trim().to_string(),
+                stderr: dpkg_cause(&String::from_utf8_lossy(&output.stderr)),
             });
         }
         Ok(())
@@ -441,4 +433,121 @@ pub fn free_space(path: &Path) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+/// How many lines before dpkg's error line [`dpkg_cause`] keeps.
+const CAUSE_CONTEXT_LINES: usize = 3;
+/// At most this many characters of it.
+const CAUSE_MAX_CHARS: usize = 600;
+
+/// The cause of a dpkg failure from its stderr, on one line: dpkg's first
+/// error line with its indented continuation ("error processing package
+/// myapp (--install):" says nothing without " installed myapp package
+/// post-installation script subprocess returned error exit status 1"),
+/// then the last few lines before it: a failing maintainer script's own
+/// output, or dpkg's note on what a dependency lacks. Without an error
+/// line, the last line; the "Errors were encountered" summary is never
+/// the cause.
+pub fn dpkg_cause(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let is_summary = |l: &str| l.starts_with("Errors were encountered");
+    // dpkg's own error line first: a script may print "error" too.
+    let error = lines
+        .iter()
+        .position(|l| l.starts_with("dpkg") && l.contains("error"))
+        .or_else(|| {
+            lines
+                .iter()
+                .position(|l| l.contains("error") && !is_summary(l))
+        });
+    let Some(at) = error else {
+        let last = lines
+            .iter()
+            .rev()
+            .find(|l| !is_summary(l) && !l.starts_with(' '));
+        return clip(last.map_or("", |l| l.trim()));
+    };
+    let mut cause = lines[at].trim().to_string();
+    for continuation in lines[at + 1..]
+        .iter()
+        .take_while(|l| l.starts_with([' ', '\t']))
+    {
+        cause.push(' ');
+        cause.push_str(continuation.trim());
+    }
+    let before: Vec<&str> = lines[at.saturating_sub(CAUSE_CONTEXT_LINES)..at]
+        .iter()
+        .map(|l| l.trim())
+        .collect();
+    if !before.is_empty() {
+        cause.push_str("; before that: ");
+        cause.push_str(&before.join(" / "));
+    }
+    clip(&cause)
+}
+
+/// `text`, cut to [`CAUSE_MAX_CHARS`] characters with "...".
+fn clip(text: &str) -> String {
+    match text.char_indices().nth(CAUSE_MAX_CHARS) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dpkg_cause;
+
+    #[test]
+    fn a_failing_maintainer_script_is_told_with_its_own_words() {
+        // dpkg 1.21's stderr when a postinst prints two lines and exits 1.
+        let stderr = "broken release\nerror: config missing\n\
+            dpkg: error processing package myapp (--install):\n \
+            installed myapp package post-installation script subprocess returned error exit status 1\n\
+            Errors were encountered while processing:\n myapp\n";
+        assert_eq!(
+            dpkg_cause(stderr),
+            "dpkg: error processing package myapp (--install): installed myapp package \
+             post-installation script subprocess returned error exit status 1; \
+             before that: broken release / error: config missing"
+        );
+    }
+
+    #[test]
+    fn a_dependency_problem_keeps_what_is_missing() {
+        let stderr = "dpkg: dependency problems prevent configuration of myapp:\n \
+            myapp depends on libfoo; however:\n  Package libfoo is not installed.\n\n\
+            dpkg: error processing package myapp (--install):\n \
+            dependency problems - leaving unconfigured\n\
+            Errors were encountered while processing:\n myapp\n";
+        assert_eq!(
+            dpkg_cause(stderr),
+            "dpkg: error processing package myapp (--install): dependency problems - \
+             leaving unconfigured; before that: dpkg: dependency problems prevent \
+             configuration of myapp: / myapp depends on libfoo; however: / Package \
+             libfoo is not installed."
+        );
+    }
+
+    #[test]
+    fn a_one_line_error_is_itself_and_no_error_line_gives_the_last() {
+        assert_eq!(
+            dpkg_cause("dpkg: error: cannot access archive 'x.deb': No such file or directory\n"),
+            "dpkg: error: cannot access archive 'x.deb': No such file or directory"
+        );
+        assert_eq!(
+            dpkg_cause("something odd\nthe last word\n"),
+            "the last word"
+        );
+        assert_eq!(dpkg_cause(""), "");
+    }
+
+    #[test]
+    fn a_long_cause_is_cut_on_a_character_boundary() {
+        let noise = "é".repeat(2_000);
+        let cause = dpkg_cause(&format!("{noise}\ndpkg: error processing package myapp:\n"));
+        assert!(cause.starts_with("dpkg: error processing package myapp:; before that: éé"));
+        assert!(cause.ends_with("é..."), "{cause}");
+        assert_eq!(cause.chars().count(), 603);
+    }
 }

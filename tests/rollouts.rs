@@ -21,6 +21,7 @@ mod common {
     pub mod node;
     #[allow(dead_code, reason = "needed by the install fixture, not used here")]
     pub mod repo;
+    pub mod webhook;
 }
 
 use std::path::PathBuf;
@@ -36,6 +37,7 @@ use common::gpg::GpgKey;
 use common::moto::{Moto, static_aws_env};
 use common::moto_iam::{enforce_iam, iam_user};
 use common::node::Node;
+use common::webhook::{Answer, Webhook};
 use pulldeploy::rollout::{Policy, position};
 
 const BUCKET: &str = "acme-apt";
@@ -423,7 +425,13 @@ fn a_bad_version_is_tried_by_the_first_wave_and_then_by_nobody() {
     let rig = Rig::new();
     rig.publish(&[pkg("myapp", "1.0")]);
     let ids = ids_in("h", &[(0.0, 0.30), (0.40, 0.60), (0.75, 1.0)]);
-    let nodes: Vec<Node> = ids.iter().map(|id| rig.node(id, true, "")).collect();
+    // Every node tells one chat about rollbacks and halts.
+    let hook = Webhook::start(Answer::Ok);
+    let notify = format!(
+        "[notify]\nwebhook = {:?}\nevents = [\"rollback\", \"halt\"]\n",
+        hook.url()
+    );
+    let nodes: Vec<Node> = ids.iter().map(|id| rig.node(id, true, &notify)).collect();
     let _running: Vec<Running> = nodes.iter().map(run).collect();
     for node in &nodes {
         wait_installed(node, "1.0");
@@ -467,6 +475,28 @@ fn a_bad_version_is_tried_by_the_first_wave_and_then_by_nobody() {
             "a later wave ran dpkg on 1.1"
         );
     }
+    // The chat heard of it twice, from the wave-1 node by its fleet id:
+    // the rollback and the halt.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    let on = format!("on {} ({}) (suite {SUITE}): ", ids[0], host.trim());
+    let received = hook.wait_for_requests(2, LIMIT);
+    let mut texts: Vec<String> = received.iter().map(|r| r.text()).collect();
+    texts.sort();
+    assert_eq!(texts.len(), 2, "{texts:#?}");
+    assert!(
+        texts[0].starts_with(&format!(
+            "pulldeploy halt {on}myapp 1.1 halted for the fleet: "
+        )) && texts[0].contains(
+            "post-installation script subprocess returned error exit status 1; before that: broken release"
+        ),
+        "{texts:#?}"
+    );
+    assert!(
+        texts[1].starts_with(&format!(
+            "pulldeploy rollback {on}myapp 1.0 to 1.1 failed: "
+        )),
+        "{texts:#?}"
+    );
 
     // The fix: a newer version goes out; unhalting is for the record.
     rig.publish(&[pkg("myapp", "1.2")]);
