@@ -21,6 +21,7 @@ mod common {
     pub mod node;
     #[allow(dead_code, reason = "needed by the install fixture, not used here")]
     pub mod repo;
+    #[allow(dead_code, reason = "this binary only records what nodes send")]
     pub mod webhook;
 }
 
