@@ -12,11 +12,17 @@ cargo clippy --locked --all-targets -- -D warnings
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-cargo test --locked -- --test-threads="${PULLDEPLOY_TEST_THREADS:-4}" 2>&1 | tee "$log"
+# Every test binary runs even after one failed, so that one run shows
+# every failure; the script still fails.
+status=0
+cargo test --locked --no-fail-fast -- --test-threads="${PULLDEPLOY_TEST_THREADS:-4}" 2>&1 |
+  tee "$log" || status=$?
 
 # Coverage-guided fuzzing when cargo-fuzz is installed (issue: "a short
 # fuzz run in the test command when cargo-fuzz is available").
-if cargo fuzz --version >/dev/null 2>&1; then
+if [ "$status" -ne 0 ]; then
+  echo "tests failed: skipping the fuzz run"
+elif cargo fuzz --version >/dev/null 2>&1; then
   scripts/fuzz.sh
 else
   echo "cargo-fuzz not installed: skipping the fuzz run (cargo install cargo-fuzz)"
@@ -25,3 +31,4 @@ fi
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
