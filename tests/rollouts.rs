@@ -100,12 +100,18 @@ impl Rig {
 
     /// `pulldeploy SUBCOMMAND... --repo --suite --signing-key` + `args`.
     fn repo_command(&self, subcommand: &[&str], args: &[&str]) -> Output {
+        self.repo_command_line(subcommand, args)
+            .output()
+            .expect("run pulldeploy")
+    }
+
+    fn repo_command_line(&self, subcommand: &[&str], args: &[&str]) -> Command {
         let repo = format!("s3://{BUCKET}/repo");
         let key = self.key.secret_key.to_string_lossy().into_owned();
         let mut all: Vec<&str> = subcommand.to_vec();
         all.extend(["--repo", &repo, "--suite", SUITE, "--signing-key", &key]);
         all.extend(args);
-        self.command(&all).output().expect("run pulldeploy")
+        self.command(&all)
     }
 
     fn publish(&self, packages: &[Pkg]) {
@@ -144,6 +150,10 @@ impl Rig {
     /// A node following myapp; `fleet`: with `[fleet] url` (else only its
     /// node id, so the signed policy still places it in a wave).
     fn node(&self, id: &str, fleet: bool, health: &str) -> Node {
+        self.node_following(&["myapp"], id, fleet, health)
+    }
+
+    fn node_following(&self, packages: &[&str], id: &str, fleet: bool, health: &str) -> Node {
         let repository = format!(
             "url = \"s3://{BUCKET}/repo\"\nendpoint = {:?}\nregion = \"us-east-1\"",
             self.moto.endpoint
@@ -154,7 +164,7 @@ impl Rig {
         };
         let extra = format!("{health}\n[fleet]\n{url}node_id = {id:?}\nreport_interval = \"2s\"\n");
         let key = &self.key.public_key;
-        Node::new(&repository, key, &["myapp"], &extra).with_env(static_aws_env())
+        Node::new(&repository, key, packages, &extra).with_env(static_aws_env())
     }
 
     fn fleet_status(&self) -> serde_json::Value {
@@ -576,6 +586,110 @@ fn pause_resume_pin_and_unpin_move_the_fleet() {
     // Pinning to a version the suite does not have is refused (65).
     let out = rig.repo_command(&["rollout", "pin"], &["myapp=9.9"]);
     assert_eq!(out.status.code(), Some(65), "{out:?}");
+}
+
+#[test]
+fn rollout_changes_racing_publishes_lose_nothing() {
+    let rig = Rig::new();
+    rig.publish(&[pkg("myapp", "1.0")]);
+    let dir = rig.debs.path().join("race");
+    // Three publishes and three policy changes, all started at once: each
+    // is a signed re-publish of the whole suite, so every one must wait
+    // for the others' flips and build on their result.
+    let mut commands: Vec<(String, Command)> = Vec::new();
+    for (name, version) in [("svc-a", "1.0"), ("svc-b", "2.0"), ("myapp", "1.1")] {
+        let deb = build(&dir, &pkg(name, version));
+        let deb = deb.to_str().expect("UTF-8 path");
+        commands.push((
+            format!("publish {name} {version}"),
+            rig.repo_command_line(&["publish"], &[deb]),
+        ));
+    }
+    let changes: [&[&str]; 3] = [
+        &["set", "--waves", "10%@0s,100%@1h", "--max-in-flight", "2"],
+        &["pause"],
+        &["pin", "myapp=1.0"],
+    ];
+    for change in changes {
+        commands.push((
+            format!("rollout {}", change.join(" ")),
+            rig.repo_command_line(&["rollout", change[0]], &change[1..]),
+        ));
+    }
+    let children: Vec<(String, std::process::Child)> = commands
+        .into_iter()
+        .map(|(what, mut command)| {
+            let child = command
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn pulldeploy");
+            (what, child)
+        })
+        .collect();
+    for (what, child) in children {
+        assert_ok(
+            &child.wait_with_output().expect("wait for pulldeploy"),
+            &what,
+        );
+    }
+
+    // Every change is in the signed policy...
+    let policy = rig.policy();
+    assert!(policy.paused, "the pause was lost");
+    assert_eq!(policy.max_in_flight, Some(2), "the limit was lost");
+    assert_eq!(policy.waves.len(), 2, "the waves were lost");
+    assert_eq!(policy.pin("myapp"), Some("1.0"), "the pin was lost");
+    // ...every published version is in the suite with its start time...
+    for (name, version) in [
+        ("myapp", "1.0"),
+        ("svc-a", "1.0"),
+        ("svc-b", "2.0"),
+        ("myapp", "1.1"),
+    ] {
+        assert!(
+            policy.started(name, version).is_some(),
+            "{name} {version} has no start time"
+        );
+    }
+    let packages = String::from_utf8(
+        rig.moto
+            .get_object(
+                BUCKET,
+                &format!("repo/dists/{SUITE}/main/binary-amd64/Packages"),
+            )
+            .expect("Packages"),
+    )
+    .expect("UTF-8");
+    let mut listed: Vec<(&str, &str)> = packages
+        .split("\n\n")
+        .filter_map(|stanza| {
+            let field = |name: &str| {
+                stanza
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+            };
+            Some((field("Package")?, field("Version")?))
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            ("myapp", "1.0"),
+            ("myapp", "1.1"),
+            ("svc-a", "1.0"),
+            ("svc-b", "2.0")
+        ]
+    );
+    // ...and a node accepts the result: a fresh node in the first wave
+    // installs the pinned myapp and the new services, paused or not.
+    let id = &ids_in("r", &[(0.0, 0.10)])[0];
+    let node = rig.node_following(&["myapp", "svc-a", "svc-b"], id, false, "");
+    assert_ok(&node.once(), "a fresh node after the race");
+    assert_eq!(node.installed("myapp").as_deref(), Some("1.0"));
+    assert_eq!(node.installed("svc-a").as_deref(), Some("1.0"));
+    assert_eq!(node.installed("svc-b").as_deref(), Some("2.0"));
 }
 
 #[test]
