@@ -82,9 +82,7 @@ fn binary_version() -> String {
 /// The agent's .deb, built by packaging/build-deb.sh from this test build,
 /// under its own version or `version`.
 fn agent_deb(version: Option<&str>) -> PathBuf {
-    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("systemd_node")
-        .join(version.unwrap_or("own"));
+    let out_dir = debs_dir().join(version.unwrap_or("own"));
     let _ = fs::remove_dir_all(&out_dir);
     let mut command = Command::new(source("packaging/build-deb.sh"));
     command
@@ -95,6 +93,27 @@ fn agent_deb(version: Option<&str>) -> PathBuf {
     }
     let out = run(&mut command, "packaging/build-deb.sh");
     PathBuf::from(text(&out.stdout).trim())
+}
+
+/// This process's directory for the agent's .debs: two test runs at once
+/// must not build into one file. The directories of processes that are
+/// gone are deleted.
+fn debs_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let parent = Path::new(env!("CARGO_TARGET_TMPDIR")).join("systemd_node");
+        for entry in fs::read_dir(&parent).into_iter().flatten().flatten() {
+            let gone = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse::<u32>().ok())
+                .is_none_or(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+            if gone {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+        parent.join(std::process::id().to_string())
+    })
 }
 
 fn own_deb() -> &'static Path {

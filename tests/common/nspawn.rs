@@ -8,7 +8,16 @@
 //! ports the test picked free. Commands run inside through `nsenter` into
 //! all of the container's namespaces. Dropping the [`Container`] powers it
 //! off (killing it if it does not stop) and deletes the copy; the cached
-//! root is never written.
+//! root is never written. A test process that is killed cannot drop its
+//! container: the next [`Container::boot`] kills and deletes the containers
+//! whose test process is gone (each copy names its owner).
+//!
+//! Each container gets cgroups of its own, named like its copy. With
+//! `--keep-unit`, systemd-nspawn puts the container's systemd in
+//! `payload/` below its own cgroup: two containers started from one cgroup
+//! (two tests of one binary, or two test runs) would share `payload/`, and
+//! each one's systemd would manage, and kill, the other's services
+//! (`systemctl stop pulldeploy` in one stopped the agent in the other).
 
 use std::fs;
 use std::io::Write as _;
@@ -20,6 +29,12 @@ use super::cmd::{describe_output, output_with_input};
 
 /// PATH inside the container (Debian's default for root).
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Where the containers' copies of the root are made, and their names.
+const COPIES: &str = "/var/tmp";
+const COPY_PREFIX: &str = "pulldeploy-nspawn-";
+/// In a copy's directory: "PID STARTTIME" of the test process that owns it.
+const OWNER: &str = "owner";
 
 /// How long a boot may take on a loaded machine, up to `running`.
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
@@ -42,6 +57,8 @@ pub struct Container {
     nspawn: Child,
     /// Host PID of the container's PID 1 (systemd).
     leader: u32,
+    /// The container's own cgroups (see the module doc), removed on drop.
+    cgroups: Vec<PathBuf>,
     log: PathBuf,
 }
 
@@ -74,11 +91,15 @@ impl Container {
             }
         }
         let cached = cached_root()?;
+        // Once per test process: its tests boot containers in parallel.
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(sweep_orphans);
 
         let dir = tempfile::Builder::new()
-            .prefix("pulldeploy-nspawn-")
-            .tempdir_in("/var/tmp")
+            .prefix(COPY_PREFIX)
+            .tempdir_in(COPIES)
             .expect("tempdir for the container's root");
+        fs::write(dir.path().join(OWNER), this_process()).expect("write the copy's owner");
         let root = dir.path().join("root");
         let copy = Command::new("cp")
             .args(["-a", "--reflink=auto"])
@@ -95,7 +116,22 @@ impl Container {
 
         let log = dir.path().join("nspawn.log");
         let log_file = fs::File::create(&log).expect("nspawn log");
-        let nspawn = Command::new("systemd-nspawn")
+        let name = dir.path().file_name().expect("the copy's name");
+        let cgroups = own_cgroups(&name.to_string_lossy());
+        let procs: Vec<String> = cgroups
+            .iter()
+            .map(|c| c.join("cgroup.procs").display().to_string())
+            .collect();
+        // The shell moves itself into the container's cgroups, then becomes
+        // systemd-nspawn (same PID).
+        let nspawn = Command::new("sh")
+            .args([
+                "-c",
+                r#"for procs in $CGROUPS; do echo $$ > "$procs" || exit 1; done; exec "$@""#,
+                "sh",
+                "systemd-nspawn",
+            ])
+            .env("CGROUPS", procs.join(" "))
             .arg("-D")
             .arg(&root)
             .args([
@@ -114,6 +150,7 @@ impl Container {
             root,
             nspawn,
             leader: 0,
+            cgroups,
             log,
         };
         let deadline = Instant::now() + BOOT_LIMIT;
@@ -262,6 +299,86 @@ impl Drop for Container {
             let _ = self.nspawn.kill();
             let _ = self.nspawn.wait();
         }
+        for cgroup in &self.cgroups {
+            remove_cgroup(cgroup);
+        }
+    }
+}
+
+/// Where this process's cgroups are: the named systemd hierarchy of
+/// cgroup v1 and the unified (v2) one, as mounted here. systemd-nspawn
+/// reads the unified one when it is mounted.
+fn cgroup_dirs() -> Vec<PathBuf> {
+    let Ok(mine) = fs::read_to_string("/proc/self/cgroup") else {
+        return Vec::new();
+    };
+    let unified = match Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
+        true => "/sys/fs/cgroup/unified",
+        false => "/sys/fs/cgroup",
+    };
+    mine.lines()
+        .filter_map(|line| {
+            let (_, rest) = line.split_once(':')?;
+            let (controllers, path) = rest.split_once(':')?;
+            let mount = match controllers {
+                "name=systemd" => "/sys/fs/cgroup/systemd",
+                "" => unified,
+                _ => return None,
+            };
+            let dir = PathBuf::from(format!("{mount}{}", path.trim_end_matches('/')));
+            dir.join("cgroup.procs").exists().then_some(dir)
+        })
+        .collect()
+}
+
+/// Makes the cgroups `name` below this process's ones. Where that is not
+/// allowed, the container shares this process's cgroups, and says so.
+fn own_cgroups(name: &str) -> Vec<PathBuf> {
+    let mut made = Vec::new();
+    for parent in cgroup_dirs() {
+        let dir = parent.join(name);
+        match fs::create_dir(&dir) {
+            Ok(()) => made.push(dir),
+            Err(e) => eprintln!(
+                "cannot make the cgroup {} ({e}): containers booted at once may disturb each other",
+                dir.display()
+            ),
+        }
+    }
+    made
+}
+
+/// Kills whatever is left in `cgroup` and removes it with its children.
+fn remove_cgroup(cgroup: &Path) {
+    let mut dirs = vec![cgroup.to_path_buf()];
+    let mut at = 0;
+    while at < dirs.len() {
+        if let Ok(entries) = fs::read_dir(&dirs[at]) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        at += 1;
+    }
+    for dir in &dirs {
+        for pid in fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .split_whitespace()
+        {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+    }
+    // Children first; a cgroup goes once its processes are reaped.
+    for dir in dirs.iter().rev() {
+        for _ in 0..50 {
+            if fs::remove_dir(dir).is_ok() || !dir.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -291,31 +408,119 @@ fn cached_root() -> Result<PathBuf, String> {
     Ok(root)
 }
 
-/// The PID of a child of `parent` whose command name is `name`.
-fn child_named(parent: u32, name: &str) -> Option<u32> {
-    for entry in fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+/// Kills the containers of test processes that are gone (killed before
+/// they could drop their [`Container`]) and deletes their copies. A copy
+/// without an owner file is being made right now, unless it is an hour old.
+fn sweep_orphans() {
+    let Ok(entries) = fs::read_dir(COPIES) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !entry.file_name().to_string_lossy().starts_with(COPY_PREFIX) {
             continue;
+        }
+        let orphan = match fs::read_to_string(dir.join(OWNER)) {
+            Ok(owner) => !is_running(owner.trim()),
+            Err(_) => entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|at| at.elapsed().unwrap_or_default() > Duration::from_secs(3600)),
         };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+        if !orphan {
             continue;
-        };
-        // pid (comm) state ppid ...; comm may hold spaces and parentheses.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = &stat[open + 1..close];
-        let ppid = stat[close + 1..]
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(parent) && comm == name {
-            return Some(pid);
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        for parent in cgroup_dirs() {
+            if parent.join(&name).exists() {
+                remove_cgroup(&parent.join(&name));
+            }
+        }
+        let root = dir.join("root");
+        for nspawn in processes().filter(|p| p.comm == "systemd-nspawn" && p.has_arg(&root)) {
+            // Killing a PID namespace's init kills everything in it.
+            if let Some(leader) = child_named(nspawn.pid, "systemd") {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &leader.to_string()])
+                    .status();
+            }
+            let _ = Command::new("kill")
+                .args(["-KILL", &nspawn.pid.to_string()])
+                .status();
+        }
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => eprintln!(
+                "removed the container copy of a killed test: {}",
+                dir.display()
+            ),
+            Err(e) => eprintln!(
+                "cannot remove the orphaned container copy {}: {e}",
+                dir.display()
+            ),
         }
     }
-    None
+}
+
+/// "PID STARTTIME" of this process: a PID alone may be reused.
+fn this_process() -> String {
+    let pid = std::process::id();
+    let started = process(pid).map(|p| p.started).unwrap_or_default();
+    format!("{pid} {started}")
+}
+
+/// Whether the process that `owner` ("PID STARTTIME") names still runs.
+fn is_running(owner: &str) -> bool {
+    let mut words = owner.split_whitespace();
+    let (Some(Ok(pid)), Some(started)) = (words.next().map(str::parse::<u32>), words.next()) else {
+        return false;
+    };
+    process(pid).is_some_and(|p| p.started == started)
+}
+
+/// What /proc says of one process.
+struct Process {
+    pid: u32,
+    ppid: u32,
+    comm: String,
+    /// Clock ticks after boot, as text.
+    started: String,
+}
+
+impl Process {
+    fn has_arg(&self, arg: &Path) -> bool {
+        fs::read(format!("/proc/{}/cmdline", self.pid)).is_ok_and(|line| {
+            line.split(|b| *b == 0)
+                .any(|a| a == arg.as_os_str().as_encoded_bytes())
+        })
+    }
+}
+
+fn process(pid: u32) -> Option<Process> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid ...; comm may hold spaces and parentheses.
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    Some(Process {
+        pid,
+        ppid: fields.get(1)?.parse().ok()?,
+        comm: stat[open + 1..close].to_string(),
+        // Field 22 of stat; the list starts at field 3 (state).
+        started: fields.get(19)?.to_string(),
+    })
+}
+
+fn processes() -> impl Iterator<Item = Process> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(process)
+}
+
+/// The PID of a child of `parent` whose command name is `name`.
+fn child_named(parent: u32, name: &str) -> Option<u32> {
+    processes()
+        .find(|p| p.ppid == parent && p.comm == name)
+        .map(|p| p.pid)
 }
