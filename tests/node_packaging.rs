@@ -33,7 +33,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::cmd::{describe_output, output_with_input, run};
+use common::cmd::{describe_output, output_with_input, process_dir, run};
 use common::dpkg::SandboxRoot;
 use common::gpg::GpgKey;
 use common::imds::{Behaviour, Imds};
@@ -72,7 +72,7 @@ fn binary_version() -> String {
 fn deb() -> &'static Path {
     static DEB: OnceLock<PathBuf> = OnceLock::new();
     DEB.get_or_init(|| {
-        let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("node_packaging");
+        let out_dir = process_dir("node_packaging");
         let _ = fs::remove_dir_all(&out_dir);
         let out = run(
             Command::new(source("packaging/build-deb.sh"))

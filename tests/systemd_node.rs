@@ -36,7 +36,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::cmd::{describe_output, host_path, output_with_input, run};
+use common::cmd::{describe_output, host_path, output_with_input, process_dir, run};
 use common::gpg::GpgKey;
 use common::http::{http_request, parse_http_response};
 use common::nspawn::{Container, skip};
@@ -95,25 +95,10 @@ fn agent_deb(version: Option<&str>) -> PathBuf {
     PathBuf::from(text(&out.stdout).trim())
 }
 
-/// This process's directory for the agent's .debs: two test runs at once
-/// must not build into one file. The directories of processes that are
-/// gone are deleted.
+/// This process's directory for the agent's .debs.
 fn debs_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let parent = Path::new(env!("CARGO_TARGET_TMPDIR")).join("systemd_node");
-        for entry in fs::read_dir(&parent).into_iter().flatten().flatten() {
-            let gone = entry
-                .file_name()
-                .to_str()
-                .and_then(|name| name.parse::<u32>().ok())
-                .is_none_or(|pid| !Path::new(&format!("/proc/{pid}")).exists());
-            if gone {
-                let _ = fs::remove_dir_all(entry.path());
-            }
-        }
-        parent.join(std::process::id().to_string())
-    })
+    DIR.get_or_init(|| process_dir("systemd_node"))
 }
 
 fn own_deb() -> &'static Path {

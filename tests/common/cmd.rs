@@ -4,7 +4,7 @@
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -94,6 +94,27 @@ pub fn write_file(path: &Path, contents: impl AsRef<[u8]>) {
 pub fn set_mode(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// `CARGO_TARGET_TMPDIR/NAME/PID`: a directory for what one test process
+/// builds once (the agent's .deb), so that two test runs at once in one
+/// tree never write one file. The directories of processes that are gone
+/// are deleted. Not created.
+#[allow(dead_code, reason = "not every test binary uses it")]
+pub fn process_dir(name: &str) -> PathBuf {
+    let parent = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    for entry in fs::read_dir(&parent).into_iter().flatten().flatten() {
+        let gone = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+            .is_none_or(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        if gone {
+            let path = entry.path();
+            let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
+        }
+    }
+    parent.join(std::process::id().to_string())
 }
 
 /// The host's `PATH`, for children started with `env_clear()`.
