@@ -57,10 +57,8 @@ impl Agent {
                 match crate::fleet::resolve_node_id(self.config.fleet.node_id.as_deref()).await {
                     Ok(id) => id,
                     Err(e) => {
-                        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                            .ok()
-                            .and_then(|h| crate::config::node_id(h.trim()).ok())
-                            .unwrap_or_else(|| "unknown-node".into());
+                        let host = crate::config::node_id(&crate::webhook::hostname())
+                            .unwrap_or_else(|_| "unknown-node".into());
                         warn!(error = %e, node_id = %host, "using the host name as this node's id");
                         host
                     }

@@ -80,9 +80,7 @@ pub(crate) fn parse_holder(bytes: &[u8]) -> Option<Holder> {
 
 /// `user@host pid N run R`: enough to find the process, unique per run.
 fn owner_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown-host".into());
+    let host = crate::webhook::hostname();
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
     format!(
         "{user}@{host} pid {} run {:016x}",
