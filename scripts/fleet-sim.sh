@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fleet simulation: N agents (real Agent::cycle, real S3 source and Release/policy verification,
 # real Fleet leases/halts/reports) in one process against moto's S3, dpkg replaced by an
-# in-memory fake (benches/fleet_sim.rs). Publishes with the real `pulldeploy publish` and
+# in-memory fake (benches/fleet_sim/). Publishes with the real `pulldeploy publish` and
 # `pulldeploy rollout set`, then prints: time to converge per wave, nodes in flight vs the limit,
 # how many nodes ran a bad version before its halt marker stopped the rest, S3 requests per node
 # in steady state and their monthly cost, and the same without a policy.
