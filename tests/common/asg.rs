@@ -17,7 +17,7 @@
 //! be told to fail: answer a status (500) or hang without answering.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +25,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+
+use super::http::{ServerRequest, read_request};
 
 /// A hung request is held at most this long, or until the client gives
 /// up or the emulator is dropped.
@@ -192,59 +194,6 @@ impl Drop for Asg {
     }
 }
 
-/// One request: method, path, headers (lower-case names, in order) and body.
-struct Request {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
-    let mut request_line = String::new();
-    if reader.read_line(&mut request_line).ok()? == 0 {
-        return None;
-    }
-    let mut parts = request_line.split_whitespace();
-    let method = parts.next()?.to_string();
-    let path = parts.next()?.to_string();
-    let mut headers = Vec::new();
-    let mut content_length = 0usize;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).ok()? == 0 {
-            return None;
-        }
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        let (name, value) = line.split_once(':')?;
-        let name = name.trim().to_ascii_lowercase();
-        if name == "content-length" {
-            content_length = value.trim().parse().ok()?;
-        }
-        headers.push((name, value.trim().to_string()));
-    }
-    let mut body = vec![0; content_length];
-    reader.read_exact(&mut body).ok()?;
-    Some(Request {
-        method,
-        path,
-        headers,
-        body,
-    })
-}
-
 fn handle(stream: TcpStream, shared: &Shared) {
     let Ok(clone) = stream.try_clone() else {
         return;
@@ -366,7 +315,7 @@ fn act(action: &str, params: &BTreeMap<String, String>, shared: &Shared) -> (u16
 }
 
 /// The request as AWS would check it once signed: action, parameters.
-fn check(request: &Request, params: &BTreeMap<String, String>) -> Result<(), String> {
+fn check(request: &ServerRequest, params: &BTreeMap<String, String>) -> Result<(), String> {
     if request.method != "POST" || request.path != "/" {
         return Err(format!(
             "{} {}: expected POST /",
@@ -408,7 +357,7 @@ fn check(request: &Request, params: &BTreeMap<String, String>) -> Result<(), Str
 /// the credential scope must be `DATE/REGION/autoscaling/aws4_request` for
 /// the expected access key, and the signature must be the one the secret
 /// key gives for the canonical request.
-fn check_signature(request: &Request, shared: &Shared) -> Result<(), String> {
+fn check_signature(request: &ServerRequest, shared: &Shared) -> Result<(), String> {
     let authorization = request
         .header("authorization")
         .ok_or("no Authorization header")?;

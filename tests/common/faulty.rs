@@ -13,14 +13,14 @@
 //! connections); only what the agent sends is supported (bodies by
 //! Content-Length, no request trailers).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::http::{HttpResponse, parse_http_response};
+use super::http::{HttpResponse, ServerRequest, parse_http_response, read_request};
 use super::imds::reset;
 
 /// A trickled answer gives up after this long (or when the proxy
@@ -187,62 +187,6 @@ impl Drop for FaultyProxy {
             let _ = handle.join();
         }
     }
-}
-
-struct ClientRequest {
-    method: String,
-    path: String,
-    version: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl ClientRequest {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// One request from `reader`; `None` at EOF or on garbage.
-fn read_request(reader: &mut BufReader<TcpStream>) -> Option<ClientRequest> {
-    let mut line = String::new();
-    if reader.read_line(&mut line).ok()? == 0 {
-        return None;
-    }
-    let mut parts = line.split_whitespace();
-    let method = parts.next()?.to_string();
-    let path = parts.next()?.to_string();
-    let version = parts.next().unwrap_or("HTTP/1.1").to_string();
-    let mut headers = Vec::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).ok()? == 0 {
-            return None;
-        }
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        let (name, value) = line.split_once(':')?;
-        headers.push((name.trim().to_string(), value.trim().to_string()));
-    }
-    let length = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.parse::<usize>().ok())
-        .unwrap_or(0);
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).ok()?;
-    Some(ClientRequest {
-        method,
-        path,
-        version,
-        headers,
-        body,
-    })
 }
 
 /// `Credential=AKID/date/region/service/aws4_request` in a SigV4 header.
@@ -434,7 +378,7 @@ fn take_fault(shared: &Shared, path: &str) -> Option<Fault> {
 
 /// Sends `request` upstream on a new connection (`Connection: close`) and
 /// reads the whole answer.
-fn forward(request: &ClientRequest, port: u16) -> Option<HttpResponse> {
+fn forward(request: &ServerRequest, port: u16) -> Option<HttpResponse> {
     let mut upstream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     upstream.set_read_timeout(Some(STALL_LIMIT)).ok()?;
     let mut head = format!("{} {} HTTP/1.1\r\n", request.method, request.path);

@@ -1,8 +1,9 @@
 //! A minimal HTTP/1.1 client over std::net (one request per connection): moto's S3 API and
-//! the agent's and apps' HTTP endpoints.
+//! the agent's and apps' HTTP endpoints; and the request reader of the test servers that
+//! speak HTTP themselves (the faulty proxy, the Auto Scaling emulator).
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -138,4 +139,66 @@ pub fn percent_encode(s: &str, keep_slash: bool) -> String {
         }
     }
     out
+}
+
+/// A request as a test server read it: header names as sent, in order.
+#[allow(dead_code, reason = "not every test binary runs a server")]
+pub struct ServerRequest {
+    pub method: String,
+    pub path: String,
+    pub version: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+#[allow(dead_code, reason = "not every test binary runs a server")]
+impl ServerRequest {
+    /// First header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One request from `reader` (a keep-alive connection may hold more);
+/// `None` at EOF or on garbage.
+#[allow(dead_code, reason = "not every test binary runs a server")]
+pub fn read_request(reader: &mut BufReader<TcpStream>) -> Option<ServerRequest> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let path = parts.next()?.to_string();
+    let version = parts.next().unwrap_or("HTTP/1.1").to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        let (name, value) = line.split_once(':')?;
+        headers.push((name.trim().to_string(), value.trim().to_string()));
+    }
+    let length = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(ServerRequest {
+        method,
+        path,
+        version,
+        headers,
+        body,
+    })
 }
