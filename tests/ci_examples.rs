@@ -589,6 +589,19 @@ impl Pipeline {
             .collect()
     }
 
+    /// pulldeploy ran twice: a publish, then a promote of `package` at
+    /// the version built.
+    fn assert_published_then_promoted(&self, package: &str) {
+        let invocations = self.invocations();
+        assert_eq!(invocations.len(), 2, "{invocations:?}");
+        assert!(invocations[0].starts_with("publish "), "{invocations:?}");
+        assert!(
+            invocations[1].starts_with("promote ")
+                && invocations[1].ends_with(&format!(" {package}={}", self.version)),
+            "{invocations:?}"
+        );
+    }
+
     fn assert_in_suite(&self, suite: &str, package: &str) {
         assert!(
             self.path(&format!("repo/dists/{suite}/InRelease"))
@@ -645,14 +658,7 @@ fn github_workflow_publishes_to_staging_then_promotes_that_version_to_production
     pipeline.run(&bash, &promote.script, &env, &promote.name);
     pipeline.assert_in_suite("production", &package);
 
-    let invocations = pipeline.invocations();
-    assert_eq!(invocations.len(), 2, "{invocations:?}");
-    assert!(invocations[0].starts_with("publish "), "{invocations:?}");
-    assert!(
-        invocations[1].starts_with("promote ")
-            && invocations[1].ends_with(&format!(" {package}={}", pipeline.version)),
-        "{invocations:?}"
-    );
+    pipeline.assert_published_then_promoted(&package);
     // The key was a file only its owner could read, and is gone after each step.
     assert_eq!(pipeline.key_file_modes(), ["600", "600"]);
     let left: Vec<_> = fs::read_dir(pipeline.path("tmp"))
@@ -718,14 +724,7 @@ fn jenkinsfile_publishes_to_staging_then_promotes_that_version_to_production() {
     );
     pipeline.assert_in_suite("production", &package);
 
-    let invocations = pipeline.invocations();
-    assert_eq!(invocations.len(), 2, "{invocations:?}");
-    assert!(invocations[0].starts_with("publish "), "{invocations:?}");
-    assert!(
-        invocations[1].starts_with("promote ")
-            && invocations[1].ends_with(&format!(" {package}={}", pipeline.version)),
-        "{invocations:?}"
-    );
+    pipeline.assert_published_then_promoted(&package);
 }
 
 // ---------------------------------------------------------------------------------------
