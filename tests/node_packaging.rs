@@ -19,6 +19,7 @@
 
 // The tests/common modules this binary uses (see tests/common/README.md).
 mod common {
+    pub mod agent_deb;
     pub mod cmd;
     pub mod dpkg;
     pub mod gpg;
@@ -33,13 +34,13 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::agent_deb::{BIN, binary_version, build as build_agent_deb};
 use common::cmd::{describe_output, output_with_input, process_dir, run};
 use common::dpkg::SandboxRoot;
 use common::gpg::GpgKey;
 use common::imds::{Behaviour, Imds};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pulldeploy");
 const UNIT: &str = "/lib/systemd/system/pulldeploy.service";
 const BUCKET: &str = "acme-apt";
 const POOL_KEY: &str = "repo/pool/main/p/pulldeploy/pulldeploy_0.1.0_amd64.deb";
@@ -56,34 +57,14 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// `pulldeploy --version` of the binary under test, e.g. "0.1.0".
-fn binary_version() -> String {
-    let out = run(Command::new(BIN).arg("--version"), "pulldeploy --version");
-    text(&out.stdout)
-        .trim()
-        .strip_prefix("pulldeploy ")
-        .expect("--version prints 'pulldeploy VERSION'")
-        .to_string()
-}
-
-/// The .deb, built once per test process by the documented script from the
-/// test build of the binary (gzip level 1: xz would take 15 s on the
-/// unoptimized binary; lintian accepts both).
+/// The .deb, built once per test process (see `common::agent_deb`).
 fn deb() -> &'static Path {
     static DEB: OnceLock<PathBuf> = OnceLock::new();
     DEB.get_or_init(|| {
-        let out_dir = process_dir("node_packaging");
-        let _ = fs::remove_dir_all(&out_dir);
-        let out = run(
-            Command::new(source("packaging/build-deb.sh"))
-                .args(["--binary", BIN, "--compress", "gzip", "--out"])
-                .arg(&out_dir),
-            "packaging/build-deb.sh",
-        );
-        let deb = PathBuf::from(text(&out.stdout).trim());
+        let deb = build_agent_deb("node_packaging", None);
         assert_eq!(
             deb,
-            out_dir.join(format!(
+            process_dir("node_packaging").join("own").join(format!(
                 "pulldeploy_{}_{}.deb",
                 binary_version(),
                 host_architecture()

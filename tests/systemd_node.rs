@@ -21,6 +21,7 @@
 
 // The tests/common modules this binary uses (see tests/common/README.md).
 mod common {
+    pub mod agent_deb;
     pub mod cmd;
     pub mod gpg;
     pub mod http;
@@ -36,13 +37,13 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::cmd::{describe_output, host_path, output_with_input, process_dir, run};
+use common::agent_deb::{BIN, binary_version};
+use common::cmd::{describe_output, host_path, output_with_input, run};
 use common::gpg::GpgKey;
 use common::http::{http_request, parse_http_response};
 use common::nspawn::{Container, skip};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pulldeploy");
 const UNIT: &str = "pulldeploy.service";
 /// Where the repository is inside the container (`file:///srv/apt`).
 const REPO: &str = "/srv/apt";
@@ -70,35 +71,9 @@ fn step(what: &str) {
     let _ = writeln!(std::io::stderr().lock(), "systemd_node: {what}");
 }
 
-fn binary_version() -> String {
-    let out = run(Command::new(BIN).arg("--version"), "pulldeploy --version");
-    text(&out.stdout)
-        .trim()
-        .strip_prefix("pulldeploy ")
-        .expect("--version prints 'pulldeploy VERSION'")
-        .to_string()
-}
-
-/// The agent's .deb, built by packaging/build-deb.sh from this test build,
-/// under its own version or `version`.
+/// The agent's .deb under its own version or `version`.
 fn agent_deb(version: Option<&str>) -> PathBuf {
-    let out_dir = debs_dir().join(version.unwrap_or("own"));
-    let _ = fs::remove_dir_all(&out_dir);
-    let mut command = Command::new(source("packaging/build-deb.sh"));
-    command
-        .args(["--binary", BIN, "--compress", "gzip", "--out"])
-        .arg(&out_dir);
-    if let Some(version) = version {
-        command.args(["--version", version]);
-    }
-    let out = run(&mut command, "packaging/build-deb.sh");
-    PathBuf::from(text(&out.stdout).trim())
-}
-
-/// This process's directory for the agent's .debs.
-fn debs_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| process_dir("systemd_node"))
+    common::agent_deb::build("systemd_node", version)
 }
 
 fn own_deb() -> &'static Path {
