@@ -266,40 +266,11 @@ impl Agent {
         index: &IndexFile,
     ) -> Result<Vec<Candidate>, Error> {
         let limit = self.config.repository.max_index_bytes;
-        if index.expected.size > limit {
-            return Err(SourceError::TooLarge {
-                url: self.source.url(&self.dists(&index.path)),
-                limit,
-            }
-            .into());
-        }
+        let (url, body) = self.fetch_listed(release, index, limit).await?;
         let local = self
             .cache()
             .join(format!("Packages{}", index.compression.extension()));
-        let mut paths = Vec::new();
-        if release.acquire_by_hash {
-            paths.push(self.dists(&index.by_hash_path()));
-        }
-        paths.push(self.dists(&index.path));
-        let mut fetched = None;
-        for path in &paths {
-            let url = self.source.url(path);
-            match self.source.get(path, None).await {
-                Ok(Fetched::Object(object)) => {
-                    source::download_verified(&url, object.body, &index.expected, &local).await?;
-                    fetched = Some(url);
-                    break;
-                }
-                Ok(Fetched::NotModified) => {}
-                Err(e) if e.is_not_found() && path != paths.last().unwrap_or(path) => {
-                    debug!(%url, "by-hash index missing; trying the canonical path");
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let url = fetched.ok_or_else(|| SourceError::NotFound {
-            url: self.source.url(&self.dists(&index.path)),
-        })?;
+        source::download_verified(&url, body, &index.expected, &local).await?;
         let wanted: Vec<String> = self.wanted().iter().map(|s| s.to_string()).collect();
         let arch = self.architecture.clone();
         let compression = index.compression;
@@ -332,11 +303,64 @@ impl Agent {
             compression: Compression::None,
             expected: expected.clone(),
         };
-        let canonical_url = self.source.url(&self.dists(path));
-        if expected.size > rollout::MAX_BYTES {
+        let (url, body) = self
+            .fetch_listed(release, &file, rollout::MAX_BYTES)
+            .await?;
+        let mut bytes = Vec::new();
+        let digest = source::HashingBody::new(body, StreamDigest::new(expected.size))
+            .copy_to(&mut bytes)
+            .await
+            .map_err(|e| match e {
+                StreamError::Overflow(_) => Error::from(VerifyError::TooLong {
+                    url: url.clone(),
+                    expected: expected.size,
+                }),
+                other => Error::from(SourceError::Unavailable {
+                    url: url.clone(),
+                    message: other.to_string(),
+                }),
+            })?;
+        digest.verify(expected).map_err(|m| {
+            let what = match m {
+                Mismatch::Size { expected, actual } => {
+                    format!("{actual} bytes, the signed Release says {expected}")
+                }
+                Mismatch::Sha256 { expected, actual } => {
+                    format!("SHA256 {actual}, the signed Release says {expected}")
+                }
+            };
+            VerifyError::RolloutPolicy {
+                url: url.clone(),
+                reason: format!(
+                    "{} does not match the signed Release: {what}",
+                    rollout::FILE
+                ),
+            }
+        })?;
+        let text = String::from_utf8(bytes).map_err(|_| VerifyError::RolloutPolicy {
+            url: url.clone(),
+            reason: "not UTF-8".into(),
+        })?;
+        let policy =
+            Policy::parse(&text).map_err(|reason| VerifyError::RolloutPolicy { url, reason })?;
+        Ok(Some(policy))
+    }
+
+    /// A file the Release lists, still unverified, and its URL: by hash
+    /// when the Release offers it (a copy that never changes, so a poll
+    /// during a publish gets this Release's bytes), else, or when that
+    /// copy is missing, at its canonical path. One whose declared size is
+    /// over `limit` is refused before any request.
+    async fn fetch_listed(
+        &self,
+        release: &Release,
+        file: &IndexFile,
+        limit: u64,
+    ) -> Result<(String, source::Body), Error> {
+        if file.expected.size > limit {
             return Err(SourceError::TooLarge {
-                url: canonical_url,
-                limit: rollout::MAX_BYTES,
+                url: self.source.url(&self.dists(&file.path)),
+                limit,
             }
             .into());
         }
@@ -344,58 +368,22 @@ impl Agent {
         if release.acquire_by_hash {
             paths.push(self.dists(&file.by_hash_path()));
         }
-        paths.push(self.dists(path));
-        for candidate in &paths {
-            let url = self.source.url(candidate);
-            let body = match self.source.get(candidate, None).await {
-                Ok(Fetched::Object(object)) => object.body,
-                Ok(Fetched::NotModified) => continue,
-                Err(e) if e.is_not_found() && candidate != paths.last().unwrap_or(candidate) => {
-                    debug!(%url, "by-hash rollout policy missing; trying the canonical path");
-                    continue;
+        paths.push(self.dists(&file.path));
+        for path in &paths {
+            let url = self.source.url(path);
+            match self.source.get(path, None).await {
+                Ok(Fetched::Object(object)) => return Ok((url, object.body)),
+                Ok(Fetched::NotModified) => {}
+                Err(e) if e.is_not_found() && path != paths.last().unwrap_or(path) => {
+                    debug!(%url, "by-hash copy missing; trying the canonical path");
                 }
                 Err(e) => return Err(e.into()),
-            };
-            let mut bytes = Vec::new();
-            let digest = source::HashingBody::new(body, StreamDigest::new(expected.size))
-                .copy_to(&mut bytes)
-                .await
-                .map_err(|e| match e {
-                    StreamError::Overflow(_) => Error::from(VerifyError::TooLong {
-                        url: url.clone(),
-                        expected: expected.size,
-                    }),
-                    other => Error::from(SourceError::Unavailable {
-                        url: url.clone(),
-                        message: other.to_string(),
-                    }),
-                })?;
-            digest.verify(expected).map_err(|m| {
-                let what = match m {
-                    Mismatch::Size { expected, actual } => {
-                        format!("{actual} bytes, the signed Release says {expected}")
-                    }
-                    Mismatch::Sha256 { expected, actual } => {
-                        format!("SHA256 {actual}, the signed Release says {expected}")
-                    }
-                };
-                VerifyError::RolloutPolicy {
-                    url: url.clone(),
-                    reason: format!(
-                        "{} does not match the signed Release: {what}",
-                        rollout::FILE
-                    ),
-                }
-            })?;
-            let text = String::from_utf8(bytes).map_err(|_| VerifyError::RolloutPolicy {
-                url: url.clone(),
-                reason: "not UTF-8".into(),
-            })?;
-            let policy = Policy::parse(&text)
-                .map_err(|reason| VerifyError::RolloutPolicy { url, reason })?;
-            return Ok(Some(policy));
+            }
         }
-        Err(SourceError::NotFound { url: canonical_url }.into())
+        Err(SourceError::NotFound {
+            url: self.source.url(&self.dists(&file.path)),
+        }
+        .into())
     }
 
     /// The verified .deb for `candidate` in the cache: reused when a file
