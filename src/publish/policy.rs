@@ -8,7 +8,6 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256, Sha512};
 
 use super::Publisher;
 use super::index::{Checksum, Entry};
@@ -151,35 +150,17 @@ impl Publisher {
         policy: &Policy,
     ) -> Result<(Checksum, Checksum), Error> {
         let text = policy.to_text(suite);
-        let bytes = text.as_bytes();
-        let hex256 = hex::encode(Sha256::digest(bytes));
-        let hex512 = hex::encode(Sha512::digest(bytes));
-        for by_hash in [
-            format!("by-hash/SHA256/{hex256}"),
-            format!("by-hash/SHA512/{hex512}"),
-        ] {
-            // Content-addressed: an existing object has these bytes.
-            self.store
-                .put(
-                    &Self::dists(suite, &by_hash),
-                    Body::Bytes(bytes),
-                    Condition::IfAbsent,
-                )
-                .await?;
-        }
+        let checksums = self
+            .write_by_hash(suite, rollout::FILE, text.as_bytes())
+            .await?;
         self.store
             .put(
                 &Self::dists(suite, rollout::FILE),
-                Body::Bytes(bytes),
+                Body::Bytes(text.as_bytes()),
                 Condition::Always,
             )
             .await?;
-        let checksum = |hex: String| Checksum {
-            path: rollout::FILE.to_string(),
-            size: bytes.len() as u64,
-            hex,
-        };
-        Ok((checksum(hex256), checksum(hex512)))
+        Ok(checksums)
     }
 }
 

@@ -30,6 +30,44 @@ pub(super) struct Content {
 }
 
 impl Publisher {
+    /// Writes `bytes`, a file the Release will list at `path` (relative to
+    /// `dists/<suite>/`), at its by-hash paths (`by-hash/SHA256/...` and
+    /// `by-hash/SHA512/...` next to it); returns its SHA256 and SHA512
+    /// lines for the Release. The canonical path is the caller's to write,
+    /// after every by-hash copy.
+    pub(super) async fn write_by_hash(
+        &self,
+        suite: &str,
+        path: &str,
+        bytes: &[u8],
+    ) -> Result<(Checksum, Checksum), Error> {
+        let hex256 = hex::encode(Sha256::digest(bytes));
+        let hex512 = hex::encode(Sha512::digest(bytes));
+        let dir = match path.rsplit_once('/') {
+            Some((dir, _)) => format!("{dir}/"),
+            None => String::new(),
+        };
+        for by_hash in [
+            format!("{dir}by-hash/SHA256/{hex256}"),
+            format!("{dir}by-hash/SHA512/{hex512}"),
+        ] {
+            // Content-addressed: an existing object has these bytes.
+            self.store
+                .put(
+                    &Self::dists(suite, &by_hash),
+                    Body::Bytes(bytes),
+                    Condition::IfAbsent,
+                )
+                .await?;
+        }
+        let checksum = |hex: String| Checksum {
+            path: path.to_string(),
+            size: bytes.len() as u64,
+            hex,
+        };
+        Ok((checksum(hex256), checksum(hex512)))
+    }
+
     /// Writes the indexes of `merged` (by hash, then canonical) and returns
     /// the Release text to sign: our component's indexes, the others'
     /// carried over from `current`.
@@ -67,31 +105,9 @@ impl Publisher {
             }
             for (name, bytes) in compressed_variants(text.as_bytes())? {
                 let path = format!("{dir}/{name}");
-                let hex256 = hex::encode(Sha256::digest(&bytes));
-                let hex512 = hex::encode(Sha512::digest(&bytes));
-                for by_hash in [
-                    format!("{dir}/by-hash/SHA256/{hex256}"),
-                    format!("{dir}/by-hash/SHA512/{hex512}"),
-                ] {
-                    // Content-addressed: an existing object has these bytes.
-                    self.store
-                        .put(
-                            &Self::dists(suite, &by_hash),
-                            Body::Bytes(&bytes),
-                            Condition::IfAbsent,
-                        )
-                        .await?;
-                }
-                sha256.push(Checksum {
-                    path: path.clone(),
-                    size: bytes.len() as u64,
-                    hex: hex256,
-                });
-                sha512.push(Checksum {
-                    path: path.clone(),
-                    size: bytes.len() as u64,
-                    hex: hex512,
-                });
+                let (by256, by512) = self.write_by_hash(suite, &path, &bytes).await?;
+                sha256.push(by256);
+                sha512.push(by512);
                 canonical.push((path, bytes));
             }
         }
