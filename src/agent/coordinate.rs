@@ -130,15 +130,10 @@ impl Agent {
         if !halted.is_empty() {
             plan.installs
                 .retain(|i| !halted.iter().any(|(n, v, _)| *n == i.name && *v == i.to));
-            let reasons: Vec<String> = halted
-                .iter()
-                .map(|(name, version, by)| format!("halted: {name} {version} (by {by})"))
-                .collect();
-            let recheck = chrono::Duration::from_std(self.config.fleet.report_interval)
-                .unwrap_or(chrono::Duration::MAX);
+            let (reasons, recheck_at) = self.halt_wait(&halted, now);
             plan.waiting = Some(Waiting {
                 reason: reasons.join("; "),
-                recheck_at: Some(now + recheck),
+                recheck_at: Some(recheck_at),
                 for_lease: false,
             });
         }
@@ -149,6 +144,25 @@ impl Agent {
             return Ok(None);
         }
         Ok(Some(renew_in_background(fleet.clone(), lease)))
+    }
+
+    /// Why a plan waits for the `halted` versions ("halted: PKG VERSION
+    /// (by NODE)" each), and when to look at the halt markers again: one
+    /// `report_interval` from `now`.
+    pub(super) fn halt_wait(
+        &self,
+        halted: &[(String, String, String)],
+        now: DateTime<Utc>,
+    ) -> (Vec<String>, DateTime<Utc>) {
+        let reasons = halted
+            .iter()
+            .map(|(name, version, by)| format!("halted: {name} {version} (by {by})"))
+            .collect();
+        let recheck_at = chrono::Duration::from_std(self.config.fleet.report_interval)
+            .ok()
+            .and_then(|interval| now.checked_add_signed(interval))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        (reasons, recheck_at)
     }
 
     /// Drops from `candidates` the versions known to be halted (checked

@@ -551,14 +551,8 @@ impl Agent {
         };
         let mut waiting = None;
         let waits_for_wave = held.as_ref().is_some_and(|h| h.next_release.is_some());
-        let mut reasons: Vec<String> = halted
-            .iter()
-            .map(|(name, version, by)| format!("halted: {name} {version} (by {by})"))
-            .collect();
-        let mut recheck_at = (!halted.is_empty()).then(|| {
-            now + chrono::Duration::from_std(self.config.fleet.report_interval)
-                .unwrap_or(chrono::Duration::MAX)
-        });
+        let (mut reasons, recheck_at) = self.halt_wait(&halted, now);
+        let mut recheck_at = (!halted.is_empty()).then_some(recheck_at);
         if let Some(held) = held {
             choices.stay.extend(held.stay);
             for (package, stay) in &choices.stay {
