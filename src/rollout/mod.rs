@@ -295,7 +295,13 @@ impl Policy {
     pub fn released_at(&self, package: &str, version: &str, wave: usize) -> Option<DateTime<Utc>> {
         let started = self.started(package, version)?;
         let delay = self.waves.get(wave).map_or(Duration::ZERO, |w| w.delay);
-        Some(started + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX))
+        // A delay past the calendar (a signed "100%@1000000years") means
+        // never, not a panic.
+        let at = chrono::Duration::from_std(delay)
+            .ok()
+            .and_then(|delay| started.checked_add_signed(delay))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        Some(at)
     }
 
     /// The pinned version of `package`, if any.

@@ -106,6 +106,22 @@ fn release_time_is_start_plus_the_wave_delay() {
 }
 
 #[test]
+fn a_delay_past_the_calendar_is_never_not_a_panic() {
+    for delay in ["1000000years", "500000000000years"] {
+        let mut policy = Policy {
+            waves: waves(&format!("5%@0s,100%@{delay}")),
+            ..Policy::default()
+        };
+        policy.stamp("myapp", "1.1", at("2026-11-30T05:00:00Z"));
+        assert_eq!(
+            policy.released_at("myapp", "1.1", 1),
+            Some(DateTime::<Utc>::MAX_UTC),
+            "{delay}"
+        );
+    }
+}
+
+#[test]
 fn policy_round_trips_through_its_file() {
     let mut policy = Policy {
         paused: true,
