@@ -107,7 +107,7 @@ impl Fleet {
         }
         let marker = Marker {
             node: self.node_id.clone(),
-            at: Utc::now(),
+            at: self.now(),
             reason,
         };
         let bytes = serde_json::to_vec_pretty(&marker).unwrap_or_default();

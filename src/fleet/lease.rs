@@ -65,7 +65,7 @@ pub struct LeaseInfo {
 
 /// Whether the lease described by `holder` may be broken at `now`.
 fn expired(holder: Option<&Holder>, now: DateTime<Utc>) -> bool {
-    let limit = now + chrono::Duration::from_std(MAX_LEASE_TTL).unwrap_or(chrono::Duration::MAX);
+    let limit = crate::clock::add(now, MAX_LEASE_TTL);
     match holder.and_then(|h| h.expires) {
         Some(expires) => expires < now || expires > limit,
         None => true,
@@ -73,7 +73,7 @@ fn expired(holder: Option<&Holder>, now: DateTime<Utc>) -> bool {
 }
 
 fn expiry(now: DateTime<Utc>, ttl: Duration) -> DateTime<Utc> {
-    now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
+    crate::clock::add(now, ttl)
 }
 
 impl Fleet {
@@ -123,7 +123,7 @@ impl Fleet {
         }
         for slot in held {
             let live_until = self.seen_leases().get(&slot).copied();
-            if live_until.is_some_and(|until| until > Utc::now()) {
+            if live_until.is_some_and(|until| until > self.now()) {
                 continue;
             }
             if let Some(lease) = self.take_held_lease(slot, ttl).await? {
@@ -142,7 +142,7 @@ impl Fleet {
     /// A lease for `slot` if it has none (`If-None-Match: *`).
     async fn create_lease(&self, slot: u32, ttl: Duration) -> Result<Option<Lease>, FleetError> {
         let path = self.lease_path(slot);
-        let now = Utc::now();
+        let now = self.now();
         let text = lock_text(&self.node_id, now, ttl);
         match self
             .put(&path, Body::Bytes(text.as_bytes()), Condition::IfAbsent)
@@ -169,7 +169,7 @@ impl Fleet {
             .then(|| parse_holder(&current.bytes))
             .flatten();
         let ours = holder.as_ref().is_some_and(|h| h.owner == self.node_id);
-        let now = Utc::now();
+        let now = self.now();
         if !ours && !expired(holder.as_ref(), now) {
             if let Some(expires) = holder.as_ref().and_then(|h| h.expires) {
                 self.seen_leases().insert(slot, expires);
@@ -223,7 +223,7 @@ impl Fleet {
             })
             .collect();
         slots.sort();
-        let now = Utc::now();
+        let now = self.now();
         let mut leases = Vec::new();
         for (slot, path) in slots.into_iter().take(super::MAX_LISTED) {
             let holder = match self.get(&path, MAX_LEASE_BYTES).await {
@@ -287,7 +287,7 @@ impl Lease {
         let Some(etag) = self.etag.clone() else {
             return Ok(false);
         };
-        let now = Utc::now();
+        let now = fleet.now();
         let text = lock_text(&fleet.node_id, now, self.ttl);
         match fleet
             .put(

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::warn;
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::RepoUrl;
 use crate::error::PublishError;
 use crate::publish::store::{Body, Condition, DirStore, Store, Stored, Written};
@@ -60,6 +61,9 @@ pub struct Fleet {
     /// Lease slots seen held by another node's live lease, and until when
     /// (see `Fleet::take_lease`): not read again before then.
     seen_leases: std::sync::Mutex<std::collections::HashMap<u32, chrono::DateTime<chrono::Utc>>>,
+    /// The time leases are judged by: the system clock unless the caller
+    /// hands in a better one ([`Fleet::with_clock`]).
+    clock: Arc<dyn Clock>,
 }
 
 impl Fleet {
@@ -107,7 +111,19 @@ impl Fleet {
             node_id: node_id.to_string(),
             warned_forbidden: AtomicBool::new(false),
             seen_leases: std::sync::Mutex::new(std::collections::HashMap::new()),
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// The same fleet, judging lease times by `clock`.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Fleet {
+        self.clock = clock;
+        self
+    }
+
+    /// Now, by the clock this fleet judges lease times by.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now()
     }
 
     pub fn node_id(&self) -> &str {
