@@ -94,7 +94,7 @@ impl Agent {
             // before the downloads, was the last word.
             return Ok(None);
         };
-        let lease = match fleet.take_lease(slots, LEASE_TTL).await {
+        let lease = match fleet.take_lease(slots, self.lease_ttl).await {
             Ok(Some(taken)) => taken,
             Ok(None) => {
                 let versions = describe_installs(plan);
@@ -143,7 +143,11 @@ impl Agent {
             }
             return Ok(None);
         }
-        Ok(Some(renew_in_background(fleet.clone(), lease)))
+        Ok(Some(renew_in_background(
+            fleet.clone(),
+            lease,
+            self.lease_ttl,
+        )))
     }
 
     /// Why a plan waits for the `halted` versions ("halted: PKG VERSION
@@ -364,14 +368,15 @@ fn describe_installs(plan: &Plan) -> String {
         .join(", ")
 }
 
-/// Renews `lease` every third of its TTL until stopped; hands it back.
-fn renew_in_background(fleet: Arc<Fleet>, mut lease: Lease) -> HeldLease {
+/// Renews `lease` every third of its TTL (`ttl`) until stopped; hands it
+/// back.
+fn renew_in_background(fleet: Arc<Fleet>, mut lease: Lease, ttl: Duration) -> HeldLease {
     let (stop, mut stopped) = oneshot::channel();
     let renewer = tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = &mut stopped => return lease,
-                () = tokio::time::sleep(LEASE_TTL / 3) => {
+                () = tokio::time::sleep(ttl / 3) => {
                     if let Err(e) = lease.renew(&fleet).await {
                         fleet.log_unavailable(&e);
                     }

@@ -90,6 +90,9 @@ pub struct Agent {
     halts_seen: Mutex<std::collections::HashMap<(String, String), (Instant, String)>>,
     /// Verified installs that wait for an in-flight lease.
     lease_wait: Mutex<Option<coordinate::WaitingPlan>>,
+    /// How long an in-flight lease lives without renewal:
+    /// [`coordinate::LEASE_TTL`]; unit tests shorten it to see renewal.
+    lease_ttl: std::time::Duration,
 }
 
 /// What a cycle did.
@@ -244,6 +247,7 @@ impl Agent {
             last_outcome: Mutex::new(None),
             halts_seen: Mutex::new(std::collections::HashMap::new()),
             lease_wait: Mutex::new(None),
+            lease_ttl: coordinate::LEASE_TTL,
         }
     }
 

@@ -2,6 +2,9 @@
 //! source (never reached), the installer and the clock: commit, every
 //! rollback path, the journal written before the installer runs, a
 //! deferred lock, and an interrupted install resumed by the next cycle.
+//! Then the fleet steps around dpkg, on a directory store: the halt check
+//! under the lease, the lease renewed while dpkg runs and held through the
+//! health gate, and the halt marker written before the lease goes back.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -15,12 +18,15 @@ use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
 use super::{Agent, CACHE_SUBDIR, Change, Outcome, Plan, PlannedInstall};
-use crate::clock::Clock;
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::error::{Error, InstallError, SourceError};
+use crate::error::{Error, InstallError, PublishError, SourceError};
+use crate::fleet::Fleet;
 use crate::health::Health;
 use crate::install::{DpkgStatus, InstallLock, Installer};
 use crate::keyring::Keyring;
+use crate::publish::store::{Body, Condition, DirStore, Store, Stored, Written};
+use crate::rollout::Policy;
 use crate::source::{BoxFuture, Fetched, Source};
 use crate::state::{AcceptedRelease, FileStamp, InstalledPackage, State};
 
@@ -43,7 +49,12 @@ struct FakeInstaller {
     /// What each install call was given, and what state.json said then.
     runs: Arc<Mutex<Vec<Run>>>,
     state_path: PathBuf,
+    /// Run inside the first install call, as if dpkg took that long.
+    during: Arc<Mutex<Option<During>>>,
 }
+
+/// What a test does while the fake dpkg runs.
+type During = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
 
 impl Installer for FakeInstaller {
     fn status(&self) -> Result<Arc<DpkgStatus>, InstallError> {
@@ -74,6 +85,11 @@ impl Installer for FakeInstaller {
 
     fn install<'a>(&'a self, debs: &'a [PathBuf]) -> BoxFuture<'a, Result<(), InstallError>> {
         Box::pin(async move {
+            let first = self.runs.lock().expect("fake installer").is_empty();
+            let during = self.during.lock().expect("fake installer").clone();
+            if let (true, Some(during)) = (first, during) {
+                during().await;
+            }
             let mut given = Vec::new();
             let mut failed = None;
             for deb in debs {
@@ -151,6 +167,16 @@ struct Node {
 /// A node whose installer has `installed`, fails `failing` versions, and
 /// (with `locked_elsewhere`) never gets the lock.
 fn node(installed: &[(&str, &str)], failing: &[&str], locked_elsewhere: bool) -> Node {
+    node_configured(installed, failing, locked_elsewhere, "")
+}
+
+/// [`node`] with `extra` appended to its config (more sections).
+fn node_configured(
+    installed: &[(&str, &str)],
+    failing: &[&str],
+    locked_elsewhere: bool,
+    extra: &str,
+) -> Node {
     let dir = tempfile::tempdir().expect("tempdir");
     let (cert, _) = CertBuilder::new()
         .add_userid("Repo <repo@acme.test>")
@@ -163,7 +189,7 @@ fn node(installed: &[(&str, &str)], failing: &[&str], locked_elsewhere: bool) ->
     let text = format!(
         "[repository]\nurl = \"file:///nonexistent\"\nsuite = \"production\"\narchitecture = \"amd64\"\n\
          keyring = \"keyring.asc\"\n\n[agent]\npackages = [\"myapp\"]\nstate_dir = \"state\"\n\
-         cache_dir = \"cache\"\n\n[install]\nroot = {:?}\nlock_timeout = \"1s\"\n",
+         cache_dir = \"cache\"\n\n[install]\nroot = {:?}\nlock_timeout = \"1s\"\n{extra}",
         dir.path().join("root")
     );
     std::fs::write(&config_path, &text).expect("config");
@@ -181,6 +207,7 @@ fn node(installed: &[(&str, &str)], failing: &[&str], locked_elsewhere: bool) ->
         locked_elsewhere,
         runs: Arc::default(),
         state_path: config.state_path(),
+        during: Arc::default(),
     };
     let health = Health::for_config(&config);
     let agent = Agent::from_parts(
@@ -529,4 +556,438 @@ fn a_resumed_install_hashes_its_debs_again_and_abandons_a_changed_one() {
     assert_eq!(state.pending, None, "the install is abandoned, not retried");
     assert_eq!(state.installed["myapp"].version, "1.0");
     assert!(state.bad.is_empty(), "the version is not to blame");
+}
+
+// ---- the fleet steps around dpkg ------------------------------------------
+
+/// How long a test waits for something the agent does in the background;
+/// generous, for a loaded machine.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A clock the test moves by hand: what a fleet judges lease expiry by.
+struct ManualClock(Mutex<DateTime<Utc>>);
+
+impl ManualClock {
+    fn advance(&self, by: Duration) {
+        let mut now = self.0.lock().expect("clock");
+        *now = crate::clock::add(*now, by);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().expect("clock")
+    }
+}
+
+/// A directory store that records each write and delete when it is done,
+/// in order: `put PATH`, `delete PATH`.
+struct Recording {
+    inner: DirStore,
+    ops: Arc<Mutex<Vec<String>>>,
+}
+
+impl Store for Recording {
+    fn url(&self, path: &str) -> String {
+        self.inner.url(path)
+    }
+
+    fn get<'a>(
+        &'a self,
+        path: &'a str,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<Option<Stored>, PublishError>> {
+        self.inner.get(path, limit)
+    }
+
+    fn digest<'a>(
+        &'a self,
+        path: &'a str,
+    ) -> BoxFuture<'a, Result<Option<(String, u64)>, PublishError>> {
+        self.inner.digest(path)
+    }
+
+    fn size<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Option<u64>, PublishError>> {
+        self.inner.size(path)
+    }
+
+    fn put<'a>(
+        &'a self,
+        path: &'a str,
+        body: Body<'a>,
+        condition: Condition<'a>,
+    ) -> BoxFuture<'a, Result<Written, PublishError>> {
+        Box::pin(async move {
+            let written = self.inner.put(path, body, condition).await;
+            self.ops.lock().expect("ops").push(format!("put {path}"));
+            written
+        })
+    }
+
+    fn delete<'a>(
+        &'a self,
+        path: &'a str,
+        if_match: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<bool, PublishError>> {
+        Box::pin(async move {
+            let deleted = self.inner.delete(path, if_match).await;
+            self.ops.lock().expect("ops").push(format!("delete {path}"));
+            deleted
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, PublishError>> {
+        self.inner.list(prefix)
+    }
+}
+
+fn store(fleet_dir: &std::path::Path) -> Box<dyn Store> {
+    Box::new(DirStore::new(fleet_dir.to_path_buf()))
+}
+
+fn system_clock() -> Arc<dyn Clock> {
+    Arc::new(SystemClock)
+}
+
+/// The lease object of slot `slot` in the fleet at `fleet_dir`.
+fn lease_path(fleet_dir: &std::path::Path, slot: u32) -> PathBuf {
+    fleet_dir.join("production/leases").join(slot.to_string())
+}
+
+/// Who holds the lease at `path`, until when; `None` when there is none.
+fn lease_holder(path: &std::path::Path) -> Option<crate::publish::lock::Holder> {
+    crate::publish::lock::parse_holder(&std::fs::read(path).ok()?)
+}
+
+impl Node {
+    /// The node as `id` in the fleet at `store`, judging leases by `clock`.
+    fn in_fleet(self, store: Box<dyn Store>, id: &str, clock: Arc<dyn Clock>) -> Node {
+        let fleet = Fleet::with_store(store, "production", id).with_clock(clock);
+        Node {
+            agent: self.agent.with_fleet(fleet),
+            ..self
+        }
+    }
+
+    /// [`Node::plan`] under a signed policy of one install in flight.
+    fn one_in_flight_plan(&self, state: &State, to: &str) -> Plan {
+        let mut plan = self.plan(state, to);
+        plan.policy = Some(Policy {
+            max_in_flight: Some(1),
+            ..Policy::default()
+        });
+        plan
+    }
+}
+
+/// What `Agent::cycle` does with the verified plan `prepare` hands it: the
+/// lease and the halt check under it (`coordinate`), dpkg and the health
+/// gate (`apply`), then the halt marker and the lease back
+/// (`after_install`).
+async fn coordinated(agent: &Agent, mut plan: Plan, state: &mut State) -> Result<Outcome, Error> {
+    let lease = agent.coordinate(&mut plan, state).await?;
+    let attempted: Vec<(String, String)> = plan
+        .installs
+        .iter()
+        .map(|i| (i.name.clone(), i.to.clone()))
+        .collect();
+    state.waiting = plan.waiting.take();
+    let result = agent.apply(plan, state).await;
+    agent.after_install(&attempted, lease, state, &result).await;
+    result
+}
+
+/// Node B waits for the only lease while node A, holding it, installs 1.1,
+/// fails, rolls back and halts 1.1. B's verified plan was made before the
+/// halt (a 304 hands it back as it was), so only the halt check under the
+/// lease keeps B from running dpkg on 1.1.
+#[test]
+fn a_version_halted_while_a_node_waited_for_the_lease_is_not_installed() {
+    let fleet_dir = tempfile::tempdir().expect("fleet dir");
+    let a = node(&[("myapp", "1.0")], &["1.1"], false).in_fleet(
+        store(fleet_dir.path()),
+        "node-a",
+        system_clock(),
+    );
+    let b = node(&[("myapp", "1.0")], &[], false).in_fleet(
+        store(fleet_dir.path()),
+        "node-b",
+        system_clock(),
+    );
+    let mut state_a = a.committed("1.0", true);
+    let mut state_b = b.committed("1.0", true);
+    let before_b = state_b.clone();
+    let outcome = runtime().block_on(async {
+        let mut plan_a = a.one_in_flight_plan(&state_a, "1.1");
+        let lease_a = a
+            .agent
+            .coordinate(&mut plan_a, &state_a)
+            .await
+            .expect("node-a coordinates");
+        assert!(lease_a.is_some(), "node-a took no lease");
+        let waited = coordinated(&b.agent, b.one_in_flight_plan(&state_b, "1.1"), &mut state_b)
+            .await
+            .expect("node-b waits");
+        assert!(
+            matches!(waited, Outcome::Waiting(ref why) if why.starts_with("lease: myapp 1.1 waits")),
+            "{waited:?}"
+        );
+
+        let result = a.agent.apply(plan_a, &mut state_a).await;
+        assert!(
+            matches!(result, Err(Error::Install(InstallError::RolledBack { .. }))),
+            "{result:?}"
+        );
+        let attempted = [("myapp".to_string(), "1.1".to_string())];
+        a.agent
+            .after_install(&attempted, lease_a, &state_a, &result)
+            .await;
+
+        // node-b's next poll: the Release is unchanged (304), so the plan
+        // that waited tries for the lease again as it was.
+        let waited = b
+            .agent
+            .lease_wait
+            .lock()
+            .expect("lease wait")
+            .take()
+            .expect("node-b kept its verified plan for the lease");
+        let plan = Plan {
+            release: accepted(),
+            installs: waited.installs,
+            policy: waited.policy,
+            waiting: None,
+            recheck_debs: true,
+        };
+        coordinated(&b.agent, plan, &mut state_b).await
+    });
+    let outcome = outcome.expect("node-b waits, it does not fail");
+    assert!(
+        matches!(outcome, Outcome::Waiting(ref why) if why.contains("halted: myapp 1.1 (by node-a)")),
+        "{outcome:?}"
+    );
+    let runs: Vec<Vec<String>> = b
+        .installer
+        .runs
+        .lock()
+        .expect("runs")
+        .iter()
+        .map(|r| r.0.clone())
+        .collect();
+    assert!(
+        runs.is_empty(),
+        "node-b ran dpkg on a version node-a had halted: {runs:?}"
+    );
+    assert_eq!(b.installed().as_deref(), Some("1.0"));
+    assert_eq!(state_b.installed, before_b.installed);
+    assert!(state_b.bad.is_empty(), "{:?}", state_b.bad);
+    assert!(
+        !lease_path(fleet_dir.path(), 0).exists(),
+        "node-b kept the lease it had no use for"
+    );
+}
+
+/// dpkg outlasting the lease's TTL: the renewal in the background must
+/// keep the slot this node's, or another node takes it while this one is
+/// still in dpkg. While the fake dpkg runs, the fleet's clock is moved on
+/// by two TTLs, three times; each time the renewal must push `Expires`
+/// past it, and at the end another node must find no free slot.
+#[test]
+fn the_lease_is_renewed_while_dpkg_outlasts_its_ttl() {
+    let fleet_dir = tempfile::tempdir().expect("fleet dir");
+    let clock = Arc::new(ManualClock(Mutex::new(noon())));
+    let ttl = Duration::from_millis(600);
+    let mut a = node(&[("myapp", "1.0")], &[], false).in_fleet(
+        store(fleet_dir.path()),
+        "node-a",
+        clock.clone(),
+    );
+    a.agent.lease_ttl = ttl;
+    let other = Arc::new(
+        Fleet::with_store(store(fleet_dir.path()), "production", "node-b")
+            .with_clock(clock.clone()),
+    );
+    let problems: Arc<Mutex<Vec<String>>> = Arc::default();
+    let lease = lease_path(fleet_dir.path(), 0);
+    let during: During = {
+        let problems = problems.clone();
+        Arc::new(move || {
+            let (clock, other, problems, lease) = (
+                clock.clone(),
+                other.clone(),
+                problems.clone(),
+                lease.clone(),
+            );
+            Box::pin(async move {
+                'steps: for step in 1..=3 {
+                    clock.advance(ttl * 2);
+                    let now = clock.now();
+                    let waiting = std::time::Instant::now();
+                    loop {
+                        let expires = lease_holder(&lease).and_then(|h| h.expires);
+                        if expires.is_some_and(|e| e > now) {
+                            break;
+                        }
+                        if waiting.elapsed() > WAIT {
+                            problems.lock().expect("problems").push(format!(
+                                "step {step}: not renewed while dpkg ran: the lease expires {expires:?}, the fleet's clock says {now}"
+                            ));
+                            break 'steps;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                match other.take_lease(1, ttl).await {
+                    Ok(None) => {}
+                    Ok(Some(taken)) => problems.lock().expect("problems").push(format!(
+                        "node-b took slot {} while node-a was in dpkg",
+                        taken.slot()
+                    )),
+                    Err(e) => problems
+                        .lock()
+                        .expect("problems")
+                        .push(format!("node-b could not ask for a lease: {e}")),
+                }
+            })
+        })
+    };
+    *a.installer.during.lock().expect("during") = Some(during);
+    let mut state = a.committed("1.0", true);
+    let plan = a.one_in_flight_plan(&state, "1.1");
+    let outcome = runtime().block_on(coordinated(&a.agent, plan, &mut state));
+    assert!(matches!(outcome, Ok(Outcome::Installed(_))), "{outcome:?}");
+    let problems = problems.lock().expect("problems").clone();
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert_eq!(a.installer.runs.lock().expect("runs").len(), 1);
+    assert!(
+        !lease_path(fleet_dir.path(), 0).exists(),
+        "the lease was not given back"
+    );
+}
+
+/// The app behind `check_url` for the health gate: answers 200 to every
+/// probe and records, for each, who held the lease at `lease` then.
+struct GateApp {
+    url: String,
+    seen: Arc<Mutex<Vec<Option<String>>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    addr: std::net::SocketAddr,
+}
+
+impl GateApp {
+    fn start(lease: PathBuf) -> GateApp {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the app");
+        let addr = listener.local_addr().expect("app address");
+        let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(mut stream) = stream else { continue };
+                    let _ = stream.set_read_timeout(Some(WAIT));
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+                        match stream.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => break,
+                        }
+                    }
+                    seen.lock()
+                        .expect("probes")
+                        .push(lease_holder(&lease).map(|h| h.owner));
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    );
+                }
+            });
+        }
+        GateApp {
+            url: format!("http://{addr}/health"),
+            seen,
+            stop,
+            addr,
+        }
+    }
+}
+
+impl Drop for GateApp {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
+}
+
+/// The health gate is part of the install: a node whose new version has
+/// not yet proved healthy still holds its in-flight slot, so no other
+/// node drains meanwhile. Every probe of the gate must find the lease
+/// this node's.
+#[test]
+fn the_lease_is_held_until_the_health_gate_has_passed() {
+    let fleet_dir = tempfile::tempdir().expect("fleet dir");
+    let app = GateApp::start(lease_path(fleet_dir.path(), 0));
+    let health = format!(
+        "\n[health]\ncheck_url = \"{}\"\nhealthy_after = 3\ncheck_interval = \"50ms\"\nhealth_timeout = \"60s\"\n",
+        app.url
+    );
+    let a = node_configured(&[("myapp", "1.0")], &[], false, &health).in_fleet(
+        store(fleet_dir.path()),
+        "node-a",
+        system_clock(),
+    );
+    let mut state = a.committed("1.0", true);
+    let plan = a.one_in_flight_plan(&state, "1.1");
+    let outcome = runtime().block_on(coordinated(&a.agent, plan, &mut state));
+    assert!(matches!(outcome, Ok(Outcome::Installed(_))), "{outcome:?}");
+    let seen = app.seen.lock().expect("probes").clone();
+    assert!(seen.len() >= 3, "the gate probed {} times", seen.len());
+    assert!(
+        seen.iter()
+            .all(|holder| holder.as_deref() == Some("node-a")),
+        "the health gate ran while node-a did not hold the lease (holder per probe): {seen:?}"
+    );
+    assert!(
+        !lease_path(fleet_dir.path(), 0).exists(),
+        "the lease was not given back after the commit"
+    );
+}
+
+/// After a rollback the halt marker must be in the store before the lease
+/// is: a node waiting for the lease takes it the moment it is free, checks
+/// the marker, and installs the bad version if the marker is not there
+/// yet.
+#[test]
+fn the_halt_marker_is_written_before_the_lease_is_given_back() {
+    let fleet_dir = tempfile::tempdir().expect("fleet dir");
+    let ops: Arc<Mutex<Vec<String>>> = Arc::default();
+    let recording = Recording {
+        inner: DirStore::new(fleet_dir.path().to_path_buf()),
+        ops: ops.clone(),
+    };
+    let a = node(&[("myapp", "1.0")], &["1.1"], false).in_fleet(
+        Box::new(recording),
+        "node-a",
+        system_clock(),
+    );
+    let mut state = a.committed("1.0", true);
+    let plan = a.one_in_flight_plan(&state, "1.1");
+    let result = runtime().block_on(coordinated(&a.agent, plan, &mut state));
+    assert!(
+        matches!(result, Err(Error::Install(InstallError::RolledBack { .. }))),
+        "{result:?}"
+    );
+    let ops = ops.lock().expect("ops").clone();
+    let halted = ops
+        .iter()
+        .position(|op| op == "put production/halted/myapp_1.1");
+    let released = ops.iter().position(|op| op == "delete production/leases/0");
+    assert!(
+        matches!((halted, released), (Some(h), Some(r)) if h < r),
+        "the halt marker must be written before the lease is given back: {ops:#?}"
+    );
 }
