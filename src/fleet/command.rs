@@ -29,6 +29,9 @@ pub enum FleetCommand {
         json: bool,
     },
     /// Remove the halt marker of PKG=VER, so nodes may install that version again.
+    ///
+    /// VER is compared by Debian version equality: myapp=1.1 also clears
+    /// the marker a node wrote for 0:1.1.
     Unhalt {
         #[command(flatten)]
         fleet: FleetStoreArgs,
@@ -99,9 +102,14 @@ pub async fn run(args: FleetArgs) -> Result<(), Error> {
             target: (package, version),
         } => {
             let fleet = open(&fleet).await?;
-            match fleet.unhalt(&package, &version).await? {
-                true => format!("unhalted {package} {version} in {}\n", fleet.url()),
-                false => format!("{package} {version} was not halted in {}\n", fleet.url()),
+            let removed = fleet.unhalt(&package, &version).await?;
+            match removed.is_empty() {
+                false => format!(
+                    "unhalted {package} {} in {}\n",
+                    removed.join(", "),
+                    fleet.url()
+                ),
+                true => format!("{package} {version} was not halted in {}\n", fleet.url()),
             }
         }
     };

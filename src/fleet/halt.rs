@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use super::{Fleet, FleetError, key, printable};
 use crate::publish::store::{Body, Condition, Written};
 use crate::repo::names::{PackageName, Version};
+use crate::repo::packages::same_version;
 
 /// A marker is one short JSON object; anything larger is not one of ours.
 pub const MAX_HALT_BYTES: u64 = 16 * 1024;
@@ -125,14 +126,25 @@ impl Fleet {
         Ok(())
     }
 
-    /// Removes the halt marker; `false` when there was none.
-    pub async fn unhalt(&self, package: &str, version: &str) -> Result<bool, FleetError> {
+    /// Removes every halt marker of `package` whose version equals
+    /// `version` by Debian version equality, not as typed: a node names a
+    /// marker after the version as the index spells it (`0:1.1`), an
+    /// operator types `1.1`. Returns the versions as the removed markers
+    /// spelled them; empty when there was none.
+    pub async fn unhalt(&self, package: &str, version: &str) -> Result<Vec<String>, FleetError> {
         checked(package, version)?;
-        let path = self.halt_path(package, version);
-        // A delete of a missing key succeeds on S3; ask first, to say which.
-        let existed = self.exists(&path).await?;
-        self.delete(&path, None).await?;
-        Ok(existed)
+        let prefix = format!("{}/halted/", self.suite);
+        let mut removed = Vec::new();
+        for path in self.list(&prefix).await? {
+            let Some((name, halted)) = path.strip_prefix(&prefix).and_then(parse_segment) else {
+                continue;
+            };
+            if name == package && same_version(&halted, version) {
+                self.delete(&path, None).await?;
+                removed.push(halted);
+            }
+        }
+        Ok(removed)
     }
 
     /// Every halted version of the suite (markers under other names are

@@ -190,10 +190,6 @@ impl Fleet {
         Ok(self.store.delete(path, if_match).await?)
     }
 
-    async fn exists(&self, path: &str) -> Result<bool, FleetError> {
-        Ok(self.store.size(path).await?.is_some())
-    }
-
     async fn list(&self, prefix: &str) -> Result<Vec<String>, FleetError> {
         Ok(self.store.list(prefix).await?)
     }

@@ -214,8 +214,8 @@ async fn halt_and_unhalt_a_version_with_an_epoch_and_a_tilde() {
             .exists()
     );
 
-    assert!(b.unhalt("myapp", version).await.unwrap());
-    assert!(!b.unhalt("myapp", version).await.unwrap());
+    assert_eq!(b.unhalt("myapp", version).await.unwrap(), [version]);
+    assert!(b.unhalt("myapp", version).await.unwrap().is_empty());
     assert_eq!(b.halted("myapp", version).await.unwrap(), None);
     let bad = b.halt("../x", "1.0", "r").await;
     assert!(matches!(bad, Err(FleetError::Invalid { .. })), "{bad:?}");
@@ -284,4 +284,49 @@ async fn reports_are_read_back_and_bad_ones_listed_apart() {
     assert_eq!(status.waves.len(), 3);
     let text = status.to_text();
     assert!(text.contains("node-1"), "{text}");
+}
+
+/// A node names a halt marker after the version as the index spells it,
+/// a zero epoch included; an operator types the version as they like.
+/// A writer that dropped the `0:` while readers keep it would halt
+/// nothing; an unhalt that compared the text would clear nothing.
+#[tokio::test]
+async fn a_zero_epoch_halt_is_read_back_and_unhalt_compares_by_debian_equality() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (fleet(dir.path(), "node-a"), fleet(dir.path(), "node-b"));
+    let operator = fleet(dir.path(), "operator");
+    for version in ["0:1.1", "1.2~rc1"] {
+        a.halt("myapp", version, "postinst failed").await.unwrap();
+        let halt = b.halted("myapp", version).await.unwrap();
+        assert_eq!(
+            halt.map(|h| (h.version, h.node)),
+            Some((version.to_string(), Some("node-a".to_string()))),
+            "another node does not find the marker node-a wrote for myapp {version}"
+        );
+    }
+    let mut listed: Vec<String> = operator
+        .halts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.version)
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["0:1.1", "1.2~rc1"]);
+
+    // Other versions by Debian order, or another package: left alone.
+    for other in ["1:1.1", "1.1.0", "1.2", "1.2~rc2", "1.2rc1"] {
+        let removed = operator.unhalt("myapp", other).await.unwrap();
+        assert!(removed.is_empty(), "unhalt {other} removed {removed:?}");
+    }
+    assert!(operator.unhalt("other", "1.1").await.unwrap().is_empty());
+    // The same versions, typed otherwise: removed, named as stored.
+    assert_eq!(operator.unhalt("myapp", "1.1").await.unwrap(), ["0:1.1"]);
+    assert_eq!(b.halted("myapp", "0:1.1").await.unwrap(), None);
+    assert_eq!(
+        operator.unhalt("myapp", "0:1.2~rc1-0").await.unwrap(),
+        ["1.2~rc1"]
+    );
+    assert_eq!(b.halted("myapp", "1.2~rc1").await.unwrap(), None);
+    assert!(operator.halts().await.unwrap().is_empty());
 }
