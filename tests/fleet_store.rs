@@ -215,6 +215,24 @@ async fn halt_markers_and_fleet_unhalt() {
     assert_eq!(again.status.code(), Some(0), "{}", describe_output(&again));
     assert!(String::from_utf8_lossy(&again.stdout).contains("was not halted"));
 
+    // A node names the marker after the index's version, `0:1.1`; the
+    // operator types `1.1`, the same version by Debian equality.
+    node.halt("myapp", "0:1.1", "postinst failed")
+        .await
+        .unwrap();
+    let out = pulldeploy_fleet(&moto, &["unhalt", "myapp=1.1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe_output(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("unhalted myapp 0:1.1 in s3://"),
+        "{}",
+        describe_output(&out)
+    );
+    assert!(node.halted("myapp", "0:1.1").await.unwrap().is_none());
+    assert_eq!(
+        moto.list_keys(BUCKET, &key("halted/")),
+        Vec::<String>::new()
+    );
+
     // Usage: no version, a bad name.
     for bad in ["myapp", "../x=1.0", "myapp=not a version"] {
         let out = pulldeploy_fleet(&moto, &["unhalt", bad]);
