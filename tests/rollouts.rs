@@ -8,6 +8,7 @@
 //! test waited, so a loaded machine makes the tests slower, not flaky.
 
 mod common {
+    pub mod app;
     pub mod cmd;
     pub mod dpkg;
     // The package builder, the runners and the waits only: the rest of
@@ -32,6 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use common::app::App;
 use common::cmd::host_path;
 use common::fixture::{Pkg, Running, build, dpkg_log, healthz, pkg, wait_for};
 use common::gpg::GpgKey;
@@ -533,6 +535,120 @@ fn a_bad_version_is_tried_by_the_first_wave_and_then_by_nobody() {
             .as_array()
             .is_some_and(Vec::is_empty)
     );
+}
+
+/// Two serving nodes in one wave, one install in flight, an app behind
+/// `check_url` (`healthy_after = 3`). The node that takes the lease
+/// installs 1.1, whose postinst fails once the other node is seen waiting
+/// for the lease (a hold the test lets go of, so the order does not rest
+/// on timing); it rolls back, health-gated, halts 1.1 and gives the lease
+/// back. The waiting node then takes the lease with a plan verified before
+/// the halt: the check under the lease must stop it, and the lease must
+/// be held through the whole install, rollback and gate, so it never
+/// drains while the other does.
+#[test]
+fn a_node_waiting_for_the_lease_never_runs_the_version_its_holder_halted() {
+    let rig = Rig::new();
+    let gate = tempfile::tempdir().expect("gate dir");
+    let release = gate.path().join("release");
+    rig.publish(&[pkg("myapp", "1.0")]);
+    let health =
+        "drain = \"1s\"\nhealthy_after = 3\ncheck_interval = \"1s\"\nhealth_timeout = \"60s\"";
+    let nodes: Vec<Node> = ["l-0", "l-1"]
+        .iter()
+        .map(|id| rig.node(id, true, health))
+        .collect();
+    let _apps: Vec<App> = nodes.iter().map(|n| App::start(n, |_, _| 200)).collect();
+    let mut running: Vec<Running> = nodes.iter().map(run).collect();
+    let ports: Vec<u16> = running.iter_mut().map(Running::health_port).collect();
+    for node in &nodes {
+        wait_installed(node, "1.0");
+    }
+    for port in &ports {
+        wait_for("/healthz 200", LIMIT, || healthz(*port).0 == 200);
+    }
+
+    rig.rollout(&["set", "--max-in-flight", "1"]);
+    // Fails once the test lets it (at most a minute later).
+    let postinst = format!(
+        "touch \"$DPKG_ROOT/bad-postinst-started\"\n\
+         i=0\n\
+         while [ ! -e {release:?} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done\n\
+         echo 'broken release' >&2\nexit 1\n"
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        let ports = ports.clone();
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while !done.load(Ordering::Relaxed) {
+                let draining = ports.iter().filter(|p| healthz(**p).0 == 503).count();
+                most = most.max(draining);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            most
+        })
+    };
+    rig.publish(&[pkg("myapp", "1.1").postinst(&postinst)]);
+
+    // One node holds the lease and is in 1.1's postinst; the other waits.
+    let mut holder = None;
+    wait_for("a node in 1.1's postinst", LIMIT, || {
+        holder = nodes
+            .iter()
+            .position(|n| n.root.path.join("bad-postinst-started").exists());
+        holder.is_some()
+    });
+    let holder = holder.unwrap_or_default();
+    let waiter = 1 - holder;
+    wait_for("the other node waiting for the lease", LIMIT, || {
+        nodes[waiter]
+            .state()
+            .waiting
+            .is_some_and(|w| w.for_lease && w.reason.starts_with("lease: myapp 1.1"))
+    });
+    std::fs::write(&release, b"").expect("let the postinst fail");
+
+    // The holder rolls back and halts 1.1; the waiter then takes the lease,
+    // or runs dpkg on 1.1 (which the assertions below refuse).
+    wait_for(
+        "the waiter to see the halt, or to run dpkg on 1.1",
+        LIMIT,
+        || {
+            attempted_versions(&nodes[waiter]).contains(&"1.1".to_string())
+                || nodes[waiter]
+                    .state()
+                    .waiting
+                    .is_some_and(|w| w.reason.contains("halted: myapp 1.1"))
+        },
+    );
+    assert_eq!(
+        attempted_versions(&nodes[waiter]),
+        ["1.0"],
+        "the node that waited for the lease ran dpkg on the version its holder halted"
+    );
+    assert!(attempted_versions(&nodes[holder]).contains(&"1.1".to_string()));
+    let halted = rig.fleet_status()["halted"].clone();
+    assert_eq!(
+        halted[0]["node"].as_str(),
+        Some(["l-0", "l-1"][holder]),
+        "{halted}"
+    );
+    wait_for("no lease held", LIMIT, || {
+        rig.fleet_status()["leases"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    done.store(true, Ordering::Relaxed);
+    let most_draining = sampler.join().expect("sampler");
+    assert!(
+        most_draining <= 1,
+        "{most_draining} nodes answered 503 at once"
+    );
+    for node in &nodes {
+        assert_eq!(node.installed("myapp").as_deref(), Some("1.0"));
+    }
 }
 
 #[test]
