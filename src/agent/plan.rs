@@ -313,6 +313,28 @@ mod tests {
         assert_eq!(choices.stay, [("myapp".into(), Stay::Current)]);
     }
 
+    /// A pin is typed (config, `rollout pin`); the index spells versions
+    /// its own way. Equal by Debian order is the pinned version: `1.1` is
+    /// the index's `0:1.1`, `1.2~rc1-0` its `1.2~rc1` (not `1.2`).
+    #[test]
+    fn a_pin_finds_its_version_by_debian_equality() {
+        let index = [
+            candidate("myapp", "0:1.1"),
+            candidate("myapp", "1.2~rc1"),
+            candidate("myapp", "1.2"),
+        ];
+        let dpkg = DpkgStatus::with_versions([("myapp", "1.0")]);
+        let state = State::default();
+        for (pin, wanted) in [("myapp=1.1", "0:1.1"), ("myapp=1.2~rc1-0", "1.2~rc1")] {
+            let choices = choose(&index, &specs(&[pin]), &dpkg, &state, "u").unwrap();
+            assert_eq!(
+                chosen_versions(&choices),
+                [("myapp".into(), wanted.into())],
+                "{pin}"
+            );
+        }
+    }
+
     #[test]
     fn no_downgrade_without_a_pin_but_a_pin_downgrades() {
         let index = [candidate("myapp", "1.0")];

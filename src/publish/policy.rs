@@ -215,6 +215,35 @@ mod tests {
         assert_eq!(third.started("tool", "2"), Some(at("2026-11-30T03:00:00Z")));
     }
 
+    /// `rollout pin` finds the typed version by Debian equality and pins
+    /// it as the suite spells it, so nodes find it in the index as is.
+    #[test]
+    fn a_pin_is_the_suite_version_equal_to_the_typed_one() {
+        let entries = [entry("myapp", "0:1.1"), entry("myapp", "1.2~rc1")];
+        for (typed, pinned) in [("1.1", "0:1.1"), ("0:1.2~rc1-0", "1.2~rc1")] {
+            let mut policy = Policy::default();
+            let pin = Change::Pin {
+                package: "myapp".into(),
+                version: typed.into(),
+            };
+            assert_eq!(
+                pin.apply(&mut policy, &entries, "s", "u").unwrap(),
+                format!("pinned myapp to {pinned}")
+            );
+            assert_eq!(policy.pin("myapp"), Some(pinned));
+        }
+        let not_there = Change::Pin {
+            package: "myapp".into(),
+            version: "1.2".into(),
+        };
+        assert!(
+            not_there
+                .apply(&mut Policy::default(), &entries, "s", "u")
+                .is_err(),
+            "1.2 is not 1.2~rc1"
+        );
+    }
+
     #[test]
     fn changes_say_what_they_did_or_why_not() {
         let entries = [entry("myapp", "1.0"), entry("myapp", "1.1")];
