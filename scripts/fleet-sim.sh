@@ -18,6 +18,10 @@
 #   FLEET_MAX_IN_FLIGHT=5      the policy's max_in_flight
 #   FLEET_DRAIN=500ms          [health] drain: time a node is in flight before dpkg
 #   FLEET_INSTALL_TIME=5ms     how long the fake dpkg takes
+#   FLEET_GARBAGE_LEASE=0      bytes of junk written to lease slot 0 just before 1.1 is
+#                              published (e.g. 2097152): the in-flight limit must still hold
+#   FLEET_CLOCK_AHEAD=0s       one last-wave node's clock runs this far ahead (e.g. 2h): it must
+#                              still wait for its wave
 #   FLEET_PROFILE=release      release (cargo bench) or dev (faster to build, slower to run)
 #   PULLDEPLOY_BIN             the publisher binary (default: built with the same profile)
 #
@@ -46,6 +50,8 @@ waves="${FLEET_WAVES:-5%@0s,25%@$(( 5 * interval ))s,100%@$(( 10 * interval ))s}
 max_in_flight="${FLEET_MAX_IN_FLIGHT:-5}"
 drain="${FLEET_DRAIN:-500ms}"
 install_time="${FLEET_INSTALL_TIME:-5ms}"
+garbage_lease="${FLEET_GARBAGE_LEASE:-0}"   # bytes of junk in lease slot 0 before the rollout
+clock_ahead="${FLEET_CLOCK_AHEAD:-0s}"      # one last-wave node's clock this far ahead
 case "$profile" in release | dev) ;; *) die "FLEET_PROFILE is release or dev (got '$profile')" ;; esac
 
 missing=()
@@ -191,6 +197,7 @@ say "running $nodes nodes (interval ${interval}s + ${jitter}s jitter, waves $wav
   --publish "$tmp/publish" --debs "$tmp/debs" --workdir "$work" \
   --nodes "$nodes" --interval "${interval}s" --jitter "${jitter}s" --report-interval "${report}s" \
   --drain "$drain" --install-time "$install_time" \
+  --garbage-lease-bytes "$garbage_lease" --clock-ahead "$clock_ahead" \
   --policy-suite production --waves "$waves" --max-in-flight "$max_in_flight" --direct-suite direct \
   --note "moto $moto_version (one python process, threaded werkzeug) on 127.0.0.1; node state on $shm_parent; $profile build" &
 # In the background and waited for: bash runs the INT/TERM trap (which stops it) only between

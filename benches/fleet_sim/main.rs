@@ -94,6 +94,15 @@ struct Args {
     /// The suite without a policy of its own (the default: everyone at once).
     #[arg(long, default_value = "direct")]
     direct_suite: String,
+    /// Before the rollout of 1.1 (the policy run): this many bytes of
+    /// garbage in lease slot 0, as a broken or hostile node could write
+    /// there (0: none). The in-flight limit must hold anyway.
+    #[arg(long, default_value_t = 0)]
+    garbage_lease_bytes: usize,
+    /// One node of the last wave runs with its clock this far ahead
+    /// (0: none). It must not install before its wave's delay.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    clock_ahead: Duration,
     /// Free text for the header (moto version, disk).
     #[arg(long, default_value = "")]
     note: String,

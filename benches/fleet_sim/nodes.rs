@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use pulldeploy::agent::{Agent, Outcome};
-use pulldeploy::clock::SystemClock;
+use pulldeploy::clock::Clock;
 use pulldeploy::config::Config;
 use pulldeploy::fleet::Fleet;
 use pulldeploy::health::Health;
@@ -27,8 +27,22 @@ pub(crate) struct RunSpec {
     pub(crate) steady: bool,
 }
 
+/// A node clock that is `ahead` of the real one: an instance whose time
+/// was never synced.
+struct AheadClock {
+    ahead: chrono::TimeDelta,
+}
+
+impl Clock for AheadClock {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now() + self.ahead
+    }
+}
+
 pub(crate) struct Fleetwide {
     pub(crate) recorder: Arc<Recorder>,
+    /// The node whose clock runs ahead (`--clock-ahead`), if any.
+    pub(crate) fast_clock_node: Option<usize>,
     databases: Vec<Database>,
     pub(crate) waves: Vec<usize>,
     stop: watch::Sender<bool>,
@@ -68,6 +82,7 @@ async fn build_agent(
     spec: &RunSpec,
     index: usize,
     recorder: &Arc<Recorder>,
+    ahead: Duration,
 ) -> Result<(Agent, Database, String), BoxError> {
     let id = node_id(&spec.suite, index);
     let dir = args.workdir.join(&spec.suite).join(&id);
@@ -101,7 +116,9 @@ async fn build_agent(
         source,
         Box::new(installer),
         keyring,
-        Box::new(SystemClock),
+        Box::new(AheadClock {
+            ahead: chrono::TimeDelta::from_std(ahead)?,
+        }),
         health,
     )
     .with_fleet(fleet);
@@ -176,8 +193,20 @@ pub(crate) async fn start_fleet(args: &Args, spec: &RunSpec) -> Result<Fleetwide
         waves: spec.waves.clone(),
         ..Default::default()
     };
+    // The fast clock goes to the first node of the last wave: the one with
+    // the longest signed delay to skip.
+    let last_wave = spec.waves.len().saturating_sub(1);
+    let fast_clock_node = match (spec.limit, args.clock_ahead.is_zero()) {
+        (Some(_), false) => (0..args.nodes)
+            .find(|index| policy.wave_of(position(&node_id(&spec.suite, *index))) == last_wave),
+        _ => None,
+    };
     for index in 0..args.nodes {
-        let (agent, database, id) = build_agent(args, spec, index, &recorder).await?;
+        let ahead = match fast_clock_node == Some(index) {
+            true => args.clock_ahead,
+            false => Duration::ZERO,
+        };
+        let (agent, database, id) = build_agent(args, spec, index, &recorder, ahead).await?;
         databases.push(database);
         waves.push(policy.wave_of(position(&id)));
         tasks.push(tokio::spawn(node_loop(
@@ -190,6 +219,7 @@ pub(crate) async fn start_fleet(args: &Args, spec: &RunSpec) -> Result<Fleetwide
     }
     Ok(Fleetwide {
         recorder,
+        fast_clock_node,
         databases,
         waves,
         stop,

@@ -257,6 +257,9 @@ async fn rollout_phase(
 ) -> Result<Rollout, BoxError> {
     progress(&format!("{}: publishing 1.1", spec.suite));
     fleet.idle().await;
+    if args.garbage_lease_bytes > 0 && spec.limit.is_some() {
+        plant_garbage_lease(args, spec).await?;
+    }
     let took = publish(args, &spec.suite, "myapp_1.1_amd64.deb").await?;
     let t0 = Instant::now();
     fleet.recorder.reset_max();
@@ -309,6 +312,29 @@ async fn rollout_phase(
         "  100% converged: {}; max nodes in flight (drain..commit): {max_in_flight} ({limit_text})",
         opt_secs(converged)
     );
+    if args.garbage_lease_bytes > 0 && spec.limit.is_some() {
+        println!(
+            "  with {} bytes of garbage in lease slot 0 before the publish",
+            args.garbage_lease_bytes
+        );
+    }
+    if let Some(node) = fleet.fast_clock_node {
+        let wave = fleet.waves[node];
+        let delay = spec.waves[wave].delay;
+        let first = first_ok.get(&node).copied();
+        println!(
+            "  node {node} (wave {}, clock {} ahead): first install of 1.1 at {}; its wave opens {} after the publish: {}",
+            wave + 1,
+            humantime::format_duration(args.clock_ahead),
+            opt_secs(first),
+            secs(delay),
+            match first {
+                Some(at) if at + took < delay => "EARLY (ran ahead of its wave)",
+                Some(_) => "held to its wave",
+                None => "never installed",
+            }
+        );
+    }
     let waits = Recorder::take(&fleet.recorder.waits);
     if !waits.is_empty() {
         let w: Vec<String> = waits.iter().map(|(k, n)| format!("{k}: {n}")).collect();
@@ -410,6 +436,32 @@ async fn bad_phase(
         first_failure,
         max_in_flight,
     })
+}
+
+/// `--garbage-lease-bytes` of junk at `leases/0` of the suite's fleet
+/// prefix, written as any node with write access could.
+async fn plant_garbage_lease(args: &Args, spec: &RunSpec) -> Result<(), BoxError> {
+    use pulldeploy::publish::store::{Body, Condition, S3Store, Store};
+    let store = S3Store::new(
+        args.bucket.clone(),
+        "fleet".into(),
+        Some(&args.endpoint),
+        Some("us-east-1"),
+    )
+    .await?;
+    let junk: Vec<u8> = (0..args.garbage_lease_bytes)
+        .map(|i| b"garbage lease \x00\xff"[i % 16])
+        .collect();
+    let path = format!("{}/leases/0", spec.suite);
+    store
+        .put(&path, Body::Bytes(&junk), Condition::Always)
+        .await?;
+    progress(&format!(
+        "{}: wrote {} bytes of garbage to fleet/{path}",
+        spec.suite,
+        junk.len()
+    ));
+    Ok(())
 }
 
 fn report_trouble(fleet: &Fleetwide) {
