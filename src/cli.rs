@@ -103,8 +103,9 @@ pub struct RepoArgs {
     pub lock_wait: std::time::Duration,
     /// Incoming-webhook URL (Slack-compatible) told what the command changed;
     /// best effort, waited for at most 10 s, never fails the command.
-    #[arg(long, env = "PULLDEPLOY_WEBHOOK", hide_env_values = true, value_parser = crate::webhook::parse_url)]
-    pub webhook: Option<String>,
+    /// The URL is never printed, also not when it is refused.
+    #[arg(long, env = "PULLDEPLOY_WEBHOOK", hide_env_values = true, value_parser = crate::webhook::WebhookArg)]
+    pub webhook: Option<crate::webhook::WebhookUrl>,
 }
 
 #[derive(Debug, Clone, clap::Args)]

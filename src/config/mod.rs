@@ -196,7 +196,8 @@ pub struct LifecycleSettings {
 /// `[notify]`: an incoming webhook (Slack-compatible `{"text": ...}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotifySettings {
-    pub webhook: String,
+    /// A credential: never printed (see [`crate::webhook::WebhookUrl`]).
+    pub webhook: crate::webhook::WebhookUrl,
     pub events: Vec<NodeEvent>,
     /// Consecutive failed cycles that make a `failing` event (once per
     /// streak).
@@ -299,6 +300,18 @@ fn http_url(text: &str) -> Result<String, String> {
         return Err(format!("{text:?} has no host"));
     }
     Ok(text.trim_end_matches('/').to_string())
+}
+
+/// toml's error as "line L, column C: message", without the line of the
+/// file toml quotes: a line may hold a credential (a mistyped `webhook`).
+fn syntax_message(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end();
+    let Some(before) = error.span().and_then(|span| text.get(..span.start)) else {
+        return message.to_string();
+    };
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    format!("line {line}, column {column}: {message}")
 }
 
 /// A path of the file, relative ones against the file's directory.
@@ -646,7 +659,7 @@ fn read_lifecycle(mut s: Section) -> LifecycleSettings {
 fn read_notify(mut s: Section) -> Option<NotifySettings> {
     let webhook = s
         .need("webhook", Section::take_str)
-        .and_then(|url| s.check("webhook", http_url(&url)));
+        .and_then(|url| s.check("webhook", crate::webhook::WebhookUrl::parse(&url)));
     let events = match s.take_str_list("events") {
         None => NodeEvent::ALL.to_vec(),
         Some(list) => {
@@ -699,7 +712,7 @@ impl Config {
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let table: Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
+            message: syntax_message(text, &e),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut problems = Problems::default();
