@@ -168,10 +168,9 @@ impl Release {
         }
         if let Some(max_age) = rules.max_age
             && self.valid_until.is_none()
+            && crate::clock::add(self.date, max_age) < rules.now
         {
-            if crate::clock::add(self.date, max_age) < rules.now {
-                return Err(Stale::TooOld { max_age });
-            }
+            return Err(Stale::TooOld { max_age });
         }
         Ok(())
     }
@@ -224,10 +223,9 @@ pub fn check_times(
     }
     if let Some(max_age) = rules.max_age
         && valid_until.is_none()
+        && crate::clock::add(date, max_age) < rules.now
     {
-        if crate::clock::add(date, max_age) < rules.now {
-            return Err(Stale::TooOld { max_age });
-        }
+        return Err(Stale::TooOld { max_age });
     }
     Ok(())
 }
