@@ -94,15 +94,18 @@ pub struct RepoArgs {
     #[arg(long, value_parser = valid_for)]
     pub valid_for: Option<std::time::Duration>,
     /// How long the suite's publish lock is held before others may break it.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    /// At most 1 day (0s: every holder's lock is stale at once).
+    #[arg(long, default_value = "10m", value_parser = lock_ttl)]
     pub lock_ttl: std::time::Duration,
-    /// How long to wait for another publisher's lock before giving up (exit 75).
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    /// How long to wait for another publisher's lock before giving up (exit 75);
+    /// at most 1 day.
+    #[arg(long, default_value = "5m", value_parser = lock_wait)]
     pub lock_wait: std::time::Duration,
     /// Incoming-webhook URL (Slack-compatible) told what the command changed;
     /// best effort, waited for at most 10 s, never fails the command.
-    #[arg(long, env = "PULLDEPLOY_WEBHOOK", hide_env_values = true, value_parser = crate::webhook::parse_url)]
-    pub webhook: Option<String>,
+    /// The URL is never printed, also not when it is refused.
+    #[arg(long, env = "PULLDEPLOY_WEBHOOK", hide_env_values = true, value_parser = crate::webhook::WebhookArg)]
+    pub webhook: Option<crate::webhook::WebhookUrl>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -301,6 +304,19 @@ fn valid_for(text: &str) -> Result<std::time::Duration, String> {
     Ok(period)
 }
 
+const DAY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// `--lock-ttl`: the publish lock's expiry is the time plus this, so it is
+/// bounded where it is parsed, like every duration of the config.
+fn lock_ttl(text: &str) -> Result<std::time::Duration, String> {
+    crate::config::duration_in(text, &(std::time::Duration::ZERO..=DAY))
+}
+
+/// `--lock-wait`: at most a day.
+fn lock_wait(text: &str) -> Result<std::time::Duration, String> {
+    crate::config::duration_in(text, &(std::time::Duration::ZERO..=DAY))
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -385,6 +401,21 @@ mod tests {
                 .err()
                 .unwrap_or_default();
             assert!(error.contains("--valid-for"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn publish_lock_durations_are_bounded() {
+        let args = publish_with(&["--lock-ttl", "1d", "--lock-wait", "0s"]);
+        assert!(args.is_ok(), "{args:?}");
+        for (option, bad) in [
+            ("--lock-ttl", "300000years"),
+            ("--lock-ttl", "100000000000d"),
+            ("--lock-wait", "9999999999d"),
+        ] {
+            let error = publish_with(&[option, bad]).err().unwrap_or_default();
+            assert!(error.contains(option), "{option} {bad}: {error}");
+            assert!(error.contains("out of range"), "{option} {bad}: {error}");
         }
     }
 

@@ -166,11 +166,6 @@ pub enum SourceError {
     TooLarge { url: String, limit: u64 },
     #[error("no AWS region: set repository.region, AWS_REGION, or run on EC2")]
     NoRegion,
-    #[error("cannot write {path}: {source}")]
-    WriteCache {
-        path: PathBuf,
-        source: std::io::Error,
-    },
 }
 
 impl SourceError {
@@ -396,6 +391,14 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A download could not be written to the cache (disk full, a
+    /// read-only cache directory): a local failure (exit 74), not the
+    /// repository's.
+    #[error("cannot write cache file {path}: {source}")]
+    WriteCache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot prepare directory {path}: {source}")]
     Dir {
         path: PathBuf,
@@ -522,5 +525,526 @@ impl PublishError {
             | PublishError::ClockBehind { .. } => exit::IOERR,
             PublishError::Locked { .. } | PublishError::Conflict { .. } => exit::TEMPFAIL,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::FleetError;
+
+    /// The decision for every variant, by exhaustive matches (no `_`): a
+    /// new variant does not compile until it is given its code here, and
+    /// [`exit_codes_are_decided_per_variant`] holds `Error::exit_code` to it.
+    fn decided(error: &Error) -> u8 {
+        use exit::*;
+        match error {
+            Error::Config(e) => match e {
+                ConfigError::Read { .. }
+                | ConfigError::Syntax { .. }
+                | ConfigError::Invalid { .. }
+                | ConfigError::Architecture(_) => USAGE,
+            },
+            Error::Keyring(e) => match e {
+                KeyringError::Read { .. }
+                | KeyringError::Parse { .. }
+                | KeyringError::Empty { .. }
+                | KeyringError::NoSigningKey { .. }
+                | KeyringError::SecretKey { .. } => USAGE,
+            },
+            Error::Source(e) => match e {
+                SourceError::NotFound { .. }
+                | SourceError::Denied { .. }
+                | SourceError::Unavailable { .. }
+                | SourceError::Read { .. }
+                | SourceError::NoRegion => UNAVAILABLE,
+                SourceError::TooLarge { .. } => DATAERR,
+            },
+            Error::Verify(e) => match e {
+                VerifyError::CleartextFraming { .. }
+                | VerifyError::DetachedSignature { .. }
+                | VerifyError::NotCleartext { .. }
+                | VerifyError::Signature { .. }
+                | VerifyError::SignedTextMismatch { .. }
+                | VerifyError::ReleaseParse { .. }
+                | VerifyError::WrongSuite { .. }
+                | VerifyError::Replay { .. }
+                | VerifyError::Expired { .. }
+                | VerifyError::FromFuture { .. }
+                | VerifyError::TooOld { .. }
+                | VerifyError::ClockBehind { .. }
+                | VerifyError::IndexMissing { .. }
+                | VerifyError::HashMismatch { .. }
+                | VerifyError::SizeMismatch { .. }
+                | VerifyError::TooLong { .. }
+                | VerifyError::Decompress { .. }
+                | VerifyError::PackagesParse { .. }
+                | VerifyError::RolloutPolicy { .. }
+                | VerifyError::PackageMissing { .. }
+                | VerifyError::PinnedMissing { .. }
+                | VerifyError::UnsafeFilename { .. }
+                | VerifyError::DebMismatch { .. }
+                | VerifyError::DebControl { .. } => DATAERR,
+            },
+            Error::Install(e) => match e {
+                InstallError::Spawn { .. }
+                | InstallError::Dpkg { .. }
+                | InstallError::Status { .. }
+                | InstallError::Lock { .. }
+                | InstallError::UnmetDepends { .. }
+                | InstallError::DiskFull { .. }
+                | InstallError::RolledBack { .. }
+                | InstallError::NoRollback { .. }
+                | InstallError::RollbackFailed { .. }
+                | InstallError::NoWayBack { .. }
+                | InstallError::NotInstalled { .. } => SOFTWARE,
+            },
+            Error::State(e) => match e {
+                StateError::Read { .. }
+                | StateError::Corrupt { .. }
+                | StateError::Write { .. }
+                | StateError::Lock { .. }
+                | StateError::WriteCache { .. }
+                | StateError::Dir { .. } => IOERR,
+            },
+            Error::Publish(e) => publish(e),
+            Error::Fleet(e) => match e {
+                FleetError::Invalid { .. } | FleetError::NoNodeId { .. } => USAGE,
+                FleetError::Forbidden { .. } => UNAVAILABLE,
+                FleetError::Store(e) => publish(e),
+            },
+            Error::CycleDeadline { .. } => UNAVAILABLE,
+            Error::Deferred { .. } | Error::Busy { .. } => TEMPFAIL,
+            Error::Output { .. } | Error::Runtime { .. } | Error::Signals { .. } => IOERR,
+            Error::HealthListen { .. } => USAGE,
+        }
+    }
+
+    fn publish(error: &PublishError) -> u8 {
+        use exit::*;
+        match error {
+            PublishError::Usage { .. }
+            | PublishError::ReadSigningKey { .. }
+            | PublishError::SigningKey { .. }
+            | PublishError::NoRegion => USAGE,
+            PublishError::InvalidDeb { .. }
+            | PublishError::VersionExists { .. }
+            | PublishError::CurrentSuite { .. }
+            | PublishError::VerifyBeforeFlip { .. }
+            | PublishError::NotInSuite { .. }
+            | PublishError::NothingToRefresh { .. }
+            | PublishError::IndexTooLarge { .. } => DATAERR,
+            PublishError::StoreRead { .. }
+            | PublishError::StoreWrite { .. }
+            | PublishError::StoreDenied { .. } => UNAVAILABLE,
+            PublishError::ReadDeb { .. }
+            | PublishError::Sign { .. }
+            | PublishError::ClockBehind { .. } => IOERR,
+            PublishError::Locked { .. } | PublishError::Conflict { .. } => TEMPFAIL,
+        }
+    }
+
+    fn s() -> String {
+        "x".to_string()
+    }
+    fn p() -> PathBuf {
+        PathBuf::from("/x")
+    }
+    fn io() -> std::io::Error {
+        std::io::Error::other("x")
+    }
+    fn d() -> std::time::Duration {
+        std::time::Duration::from_secs(1)
+    }
+    fn failure() -> Failure {
+        Failure::Unhealthy(s())
+    }
+
+    /// One of each variant of every concern.
+    fn samples() -> Vec<Error> {
+        let config = [
+            ConfigError::Read {
+                path: p(),
+                source: io(),
+            },
+            ConfigError::Syntax {
+                path: p(),
+                message: s(),
+            },
+            ConfigError::Invalid {
+                path: p(),
+                problems: vec![s()],
+            },
+            ConfigError::Architecture(s()),
+        ];
+        let keyring = [
+            KeyringError::Read {
+                path: p(),
+                source: io(),
+            },
+            KeyringError::Parse {
+                path: p(),
+                message: s(),
+            },
+            KeyringError::Empty { path: p() },
+            KeyringError::NoSigningKey {
+                path: p(),
+                details: s(),
+            },
+            KeyringError::SecretKey {
+                path: p(),
+                secret: s(),
+                fingerprints: s(),
+            },
+        ];
+        let source = [
+            SourceError::NotFound { url: s() },
+            SourceError::Denied {
+                url: s(),
+                detail: s(),
+            },
+            SourceError::Unavailable {
+                url: s(),
+                message: s(),
+            },
+            SourceError::Read {
+                url: s(),
+                source: io(),
+            },
+            SourceError::TooLarge { url: s(), limit: 1 },
+            SourceError::NoRegion,
+        ];
+        let verify = [
+            VerifyError::CleartextFraming {
+                url: s(),
+                reason: s(),
+            },
+            VerifyError::DetachedSignature {
+                url: s(),
+                reason: s(),
+            },
+            VerifyError::NotCleartext { url: s() },
+            VerifyError::Signature {
+                url: s(),
+                keyring: p(),
+                details: s(),
+            },
+            VerifyError::SignedTextMismatch {
+                url: s(),
+                reason: s(),
+            },
+            VerifyError::ReleaseParse {
+                url: s(),
+                reason: s(),
+            },
+            VerifyError::WrongSuite {
+                url: s(),
+                expected: s(),
+                actual: s(),
+            },
+            VerifyError::Replay {
+                url: s(),
+                date: s(),
+                accepted: s(),
+            },
+            VerifyError::Expired {
+                url: s(),
+                valid_until: s(),
+                now: s(),
+            },
+            VerifyError::FromFuture {
+                url: s(),
+                date: s(),
+                now: s(),
+                skew: d(),
+            },
+            VerifyError::TooOld {
+                url: s(),
+                date: s(),
+                max_age: d(),
+            },
+            VerifyError::ClockBehind {
+                now: s(),
+                accepted: s(),
+            },
+            VerifyError::IndexMissing {
+                url: s(),
+                wanted: s(),
+            },
+            VerifyError::HashMismatch {
+                url: s(),
+                expected: s(),
+                actual: s(),
+            },
+            VerifyError::SizeMismatch {
+                url: s(),
+                expected: 1,
+                actual: 2,
+            },
+            VerifyError::TooLong {
+                url: s(),
+                expected: 1,
+            },
+            VerifyError::Decompress {
+                url: s(),
+                reason: s(),
+            },
+            VerifyError::PackagesParse {
+                url: s(),
+                reason: s(),
+            },
+            VerifyError::RolloutPolicy {
+                url: s(),
+                reason: s(),
+            },
+            VerifyError::PackageMissing {
+                package: s(),
+                url: s(),
+            },
+            VerifyError::PinnedMissing {
+                package: s(),
+                version: s(),
+                url: s(),
+            },
+            VerifyError::UnsafeFilename {
+                package: s(),
+                filename: s(),
+            },
+            VerifyError::DebMismatch {
+                url: s(),
+                field: "Package",
+                expected: s(),
+                actual: s(),
+            },
+            VerifyError::DebControl {
+                url: s(),
+                reason: s(),
+            },
+        ];
+        let install = [
+            InstallError::Spawn {
+                program: s(),
+                source: io(),
+            },
+            InstallError::Dpkg {
+                packages: s(),
+                status: s(),
+                stderr: s(),
+            },
+            InstallError::Status {
+                path: p(),
+                source: io(),
+            },
+            InstallError::Lock {
+                path: p(),
+                source: io(),
+            },
+            InstallError::UnmetDepends {
+                package: s(),
+                version: s(),
+                missing: vec![s()],
+            },
+            InstallError::DiskFull {
+                path: p(),
+                needed: 2,
+                available: 1,
+            },
+            InstallError::RolledBack {
+                package: s(),
+                version: s(),
+                reason: failure(),
+                restored: s(),
+            },
+            InstallError::NoRollback {
+                package: s(),
+                version: s(),
+                reason: failure(),
+            },
+            InstallError::RollbackFailed {
+                package: s(),
+                version: s(),
+                reason: failure(),
+                restored: s(),
+                rollback_error: failure(),
+            },
+            InstallError::NoWayBack {
+                package: s(),
+                version: s(),
+                target: s(),
+                reason: s(),
+            },
+            InstallError::NotInstalled {
+                package: s(),
+                expected: s(),
+                actual: None,
+            },
+        ];
+        let state = [
+            StateError::Read {
+                path: p(),
+                source: io(),
+            },
+            StateError::Corrupt {
+                path: p(),
+                message: s(),
+            },
+            StateError::Write {
+                path: p(),
+                source: io(),
+            },
+            StateError::Lock {
+                path: p(),
+                source: io(),
+            },
+            StateError::WriteCache {
+                path: p(),
+                source: io(),
+            },
+            StateError::Dir {
+                path: p(),
+                source: io(),
+            },
+        ];
+        let publish = || {
+            vec![
+                PublishError::Usage { message: s() },
+                PublishError::ReadDeb {
+                    path: p(),
+                    source: io(),
+                },
+                PublishError::InvalidDeb {
+                    path: p(),
+                    reason: s(),
+                },
+                PublishError::VersionExists {
+                    package: s(),
+                    url: s(),
+                    existing: s(),
+                    new: s(),
+                },
+                PublishError::ReadSigningKey {
+                    path: p(),
+                    source: io(),
+                },
+                PublishError::SigningKey {
+                    path: p(),
+                    reason: s(),
+                },
+                PublishError::Sign {
+                    fingerprint: s(),
+                    reason: s(),
+                },
+                PublishError::StoreRead {
+                    url: s(),
+                    message: s(),
+                },
+                PublishError::StoreWrite {
+                    url: s(),
+                    message: s(),
+                },
+                PublishError::StoreDenied {
+                    url: s(),
+                    message: s(),
+                },
+                PublishError::NoRegion,
+                PublishError::Locked {
+                    url: s(),
+                    owner: s(),
+                    acquired: s(),
+                    expires: s(),
+                    waited: d(),
+                },
+                PublishError::Conflict {
+                    url: s(),
+                    attempts: 6,
+                },
+                PublishError::CurrentSuite {
+                    url: s(),
+                    reason: s(),
+                },
+                PublishError::VerifyBeforeFlip { reason: s() },
+                PublishError::NotInSuite {
+                    package: s(),
+                    version: None,
+                    suite: s(),
+                    url: s(),
+                },
+                PublishError::NothingToRefresh {
+                    suite: s(),
+                    url: s(),
+                },
+                PublishError::ClockBehind {
+                    url: s(),
+                    what: "Date",
+                    previous: s(),
+                    now: s(),
+                    limit: d(),
+                },
+                PublishError::IndexTooLarge { url: s(), limit: 1 },
+            ]
+        };
+        let fleet = [
+            FleetError::Forbidden {
+                url: s(),
+                detail: s(),
+            },
+            FleetError::Invalid { reason: s() },
+            FleetError::NoNodeId { tried: vec![s()] },
+        ];
+        let mut all: Vec<Error> = Vec::new();
+        all.extend(config.into_iter().map(Error::from));
+        all.extend(keyring.into_iter().map(Error::from));
+        all.extend(source.into_iter().map(Error::from));
+        all.extend(verify.into_iter().map(Error::from));
+        all.extend(install.into_iter().map(Error::from));
+        all.extend(state.into_iter().map(Error::from));
+        all.extend(publish().into_iter().map(Error::from));
+        all.extend(fleet.into_iter().map(Error::from));
+        all.extend(
+            publish()
+                .into_iter()
+                .map(|e| Error::Fleet(FleetError::Store(e))),
+        );
+        all.extend([
+            Error::CycleDeadline { limit: d() },
+            Error::Deferred { reason: s() },
+            Error::Busy {
+                path: p(),
+                holder: None,
+                waited: d(),
+            },
+            Error::Output { source: io() },
+            Error::Runtime { source: io() },
+            Error::Signals { source: io() },
+            Error::HealthListen {
+                addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9100)),
+                source: io(),
+            },
+        ]);
+        all
+    }
+
+    #[test]
+    fn exit_codes_are_decided_per_variant() {
+        let samples = samples();
+        // One per variant: 4+5+6+24+11+6+19+3+19+7.
+        assert_eq!(samples.len(), 104);
+        for error in &samples {
+            assert_eq!(error.exit_code(), decided(error), "{error:?}");
+        }
+    }
+
+    #[test]
+    fn local_writes_exit_74_and_repository_failures_69() {
+        let cache = Error::from(StateError::WriteCache {
+            path: p(),
+            source: io(),
+        });
+        assert_eq!(cache.exit_code(), exit::IOERR, "{cache}");
+        let unavailable = Error::from(SourceError::Unavailable {
+            url: s(),
+            message: s(),
+        });
+        assert_eq!(unavailable.exit_code(), exit::UNAVAILABLE, "{unavailable}");
     }
 }

@@ -228,3 +228,128 @@ fn bad_usage_exits_64() {
     assert_eq!(help.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&help.stdout).contains("once"));
 }
+
+/// Durations past the calendar (`"300000years"`) passed check-config and
+/// then aborted every cycle (`DateTime + TimeDelta` overflowed). Every
+/// duration key has a range, checked where it is parsed: refused with 64,
+/// the key and the range, by check-config and by `once` before any cycle;
+/// nothing installed, no state written. The publisher's lock durations too.
+#[test]
+fn huge_values() {
+    let key = GpgKey::generate("Acme Repository <repo@acme.test>");
+    let no_state = |node: &Node, what: &str| {
+        assert!(
+            !node.dir.path().join("state/state.json").exists(),
+            "{what}: a cycle ran"
+        );
+        assert_eq!(node.installed("myapp"), None, "{what}: installed");
+    };
+
+    // The three of the report, each alone: check-config and once.
+    for (table_line, line, expected) in [
+        (
+            "suite = \"production\"",
+            "clock_skew = \"300000years\"",
+            "repository.clock_skew: \"300000years\" is out of range: 0s to 1day",
+        ),
+        (
+            "suite = \"production\"",
+            "clock_skew = \"100000000000d\"",
+            "repository.clock_skew: \"100000000000d\" is out of range: 0s to 1day",
+        ),
+        (
+            "suite = \"production\"",
+            "max_age = \"9999999999d\"",
+            "repository.max_age: \"9999999999d\" is out of range: 1s to 10years",
+        ),
+    ] {
+        let node = node_with_keyring(&key.public_key);
+        edit_config(&node, table_line, &format!("{table_line}\n{line}"));
+        for args in [&["check-config"][..], &["once"]] {
+            let out = node.command(args).output().expect("run pulldeploy");
+            assert_usage_error(&out, &format!("{line}: {}", args.join(" ")));
+            let text = stderr(&out);
+            assert!(text.contains(expected), "{expected} not in\n{text}");
+            assert!(!text.contains("panicked"), "{text}");
+        }
+        no_state(&node, line);
+    }
+
+    // Every duration key at once: each reported with its range.
+    let node = node_with_keyring(&key.public_key);
+    edit_config(
+        &node,
+        "suite = \"production\"",
+        "suite = \"production\"\nmax_age = \"300000years\"\nclock_skew = \"25h\"",
+    );
+    edit_config(
+        &node,
+        "interval = \"1s\"\njitter = \"0s\"",
+        "interval = \"100000000000d\"\njitter = \"2d\"\ncycle_timeout = \"9999999999d\"",
+    );
+    edit_config(
+        &node,
+        "[install]\n",
+        "[install]\nlock_timeout = \"300000years\"\n",
+    );
+    edit_config(
+        &node,
+        "[health]\n",
+        "[health]\nhealth_timeout = \"300000years\"\ncheck_interval = \"2h\"\ndrain = \"9999999999d\"\n",
+    );
+    let text = std::fs::read_to_string(&node.config).expect("read node config");
+    std::fs::write(
+        &node.config,
+        format!("{text}\n[fleet]\nreport_interval = \"300000years\"\n"),
+    )
+    .expect("write node config");
+    let out = node
+        .command(&["check-config"])
+        .output()
+        .expect("run check-config");
+    assert_usage_error(&out, "every duration out of range");
+    let text = stderr(&out);
+    for expected in [
+        "repository.max_age: \"300000years\" is out of range: 1s to 10years",
+        "repository.clock_skew: \"25h\" is out of range: 0s to 1day",
+        "agent.interval: \"100000000000d\" is out of range: 1s to 1day",
+        "agent.jitter: \"2d\" is out of range: 0s to 1day",
+        "agent.cycle_timeout: \"9999999999d\" is out of range: 1ms to 1day",
+        "install.lock_timeout: \"300000years\" is out of range: 0s to 1day",
+        "health.health_timeout: \"300000years\" is out of range: 0s to 1day",
+        "health.check_interval: \"2h\" is out of range: 1ms to 1h",
+        "health.drain: \"9999999999d\" is out of range: 0s to 1h",
+        "fleet.report_interval: \"300000years\" is out of range: 1s to 1day",
+    ] {
+        assert!(text.contains(expected), "{expected} not in\n{text}");
+    }
+    no_state(&node, "every duration");
+
+    // The publisher's: --lock-ttl and --lock-wait.
+    for (option, value) in [
+        ("--lock-ttl", "300000years"),
+        ("--lock-wait", "100000000000d"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pulldeploy"))
+            .args([
+                "publish",
+                "--repo",
+                "file:///nonexistent/apt",
+                "--suite",
+                "stable",
+                "--signing-key",
+                "/nonexistent",
+                option,
+                value,
+                "x.deb",
+            ])
+            .output()
+            .expect("run pulldeploy publish");
+        assert_usage_error(&out, option);
+        let text = stderr(&out);
+        assert!(
+            text.contains(option) && text.contains("out of range"),
+            "{option} {value}: {text}"
+        );
+    }
+}

@@ -351,6 +351,92 @@ fn disk_full() {
     );
 }
 
+/// A directory made read-only for the test by a read-only bind mount of
+/// itself (root ignores mode bits), unmounted on Drop, even when the test
+/// fails.
+struct ReadOnly(PathBuf);
+
+impl ReadOnly {
+    /// `None` (and why) when this process cannot mount.
+    fn mount(dir: &Path) -> Result<ReadOnly, String> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root: a read-only bind mount needs root".into());
+        }
+        let run = |args: &[&str]| {
+            std::process::Command::new("mount")
+                .args(args)
+                .arg(dir)
+                .arg(dir)
+                .output()
+                .map_err(|e| format!("cannot run mount: {e}"))
+                .and_then(|out| match out.status.success() {
+                    true => Ok(()),
+                    false => Err(format!("mount {args:?}: {}", stderr(&out))),
+                })
+        };
+        run(&["--bind"])?;
+        let guard = ReadOnly(dir.to_path_buf());
+        run(&["-o", "remount,ro,bind"])?;
+        Ok(guard)
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The cache cannot be written (a read-only cache directory, as a full or
+/// remounted disk): a local I/O failure, exit 74 naming the cache file, not
+/// 69 (repository unavailable). Nothing is installed and the state does
+/// not move; once the directory is writable again, the version installs.
+#[test]
+fn cache_dir_read_only_exits_74() {
+    let mut f = fixture(&["myapp"], "");
+    f.publish(&[pkg("myapp", "1.0")]);
+    assert_ok(&f.once(), "installed myapp 1.0");
+    let before = f.node.state();
+    let dpkg_before = dpkg_log(&f.node);
+
+    f.publish(&[pkg("myapp", "1.1")]);
+    let read_only = match ReadOnly::mount(&f.cache_dir()) {
+        Ok(guard) => guard,
+        Err(why) => {
+            eprintln!("SKIPPED cache_dir_read_only_exits_74: {why}");
+            return;
+        }
+    };
+    let out = f.once();
+    let line = assert_failed(
+        &out,
+        74,
+        &["cannot write cache file", "Read-only file system"],
+    );
+    assert!(
+        line.contains(&f.cache_dir().display().to_string()),
+        "the error names the cache: {line}"
+    );
+    drop(read_only);
+    assert_eq!(cached_debs(&f.node), ["myapp_1.0_amd64.deb"]);
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    assert_eq!(dpkg_log(&f.node), dpkg_before, "dpkg ran");
+    let after = f.node.state();
+    assert_eq!(after.installed, before.installed);
+    assert_eq!(after.release, before.release, "accepted Release moved");
+    assert_eq!(after.pending, None);
+    assert!(
+        after.bad.is_empty(),
+        "a read-only cache is not a bad version: {:?}",
+        after.bad
+    );
+
+    // Writable again: the same version installs.
+    assert_ok(&f.once(), "installed myapp 1.1");
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.1"));
+}
+
 // ---- killed_mid_install: SIGKILL of the agent (and its process group) --------
 
 /// A file:// node with myapp 1.0 installed and committed.

@@ -505,3 +505,167 @@ fn a_bad_webhook_url_is_a_usage_error() {
     }
     assert!(!publisher.repo.path().join("dists/staging").exists());
 }
+
+// ---- the webhook URL is a secret ----------------------------------------------
+
+/// Every secret of the test's URLs starts with this; none may be printed.
+const SECRET: &str = "zzsecret";
+
+/// URLs carrying secret `n` in their userinfo, path and query: mistyped in
+/// the ways an operator does (scheme, port, a space, no scheme).
+fn malformed_urls() -> Vec<String> {
+    [
+        "htps://u:{s}@hooks.example.com/services/T0/B0/{s}?token={s}",
+        "https://u:{s}@hooks.example.com:99999/services/T0/B0/{s}?token={s}",
+        "https://u:{s}@hooks.exa mple.com/services/T0/B0/{s}?token={s}",
+        "hooks.example.com/services/T0/B0/{s}?token={s}",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(n, url)| url.replace("{s}", &format!("{SECRET}{n}")))
+    .collect()
+}
+
+/// A URL that parses but is never answered (port 1 refuses), secret in
+/// userinfo, path and query.
+fn failing_url() -> String {
+    format!("http://u:{SECRET}9@127.0.0.1:1/services/T0/B0/{SECRET}9?token={SECRET}9")
+}
+
+fn text_of(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Every file under `dir`, as text.
+fn files_text(dir: &std::path::Path) -> String {
+    let mut text = String::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            text.push_str(&files_text(&path));
+        } else {
+            text.push_str(&String::from_utf8_lossy(
+                &std::fs::read(&path).expect("read"),
+            ));
+        }
+    }
+    text
+}
+
+/// The webhook URL is a credential: mistyped (scheme, port, a space, no
+/// scheme, a line TOML cannot parse) or valid but failing, none of its
+/// userinfo, path or query reaches check-config, `once` or `run` (and a
+/// SIGHUP reload to a bad URL), `publish --webhook` and
+/// `PULLDEPLOY_WEBHOOK`, `status` and `status --json`, /metrics, or the
+/// node's report in the fleet prefix. The errors name the key and the
+/// problem.
+#[test]
+fn webhook_url_secret() {
+    let fleet = tempfile::tempdir().expect("fleet dir");
+    let notify = |url: &str| {
+        format!(
+            "\n[notify]\nwebhook = {url:?}\nevents = [\"failing\"]\nfailing_after = 1\n\
+             \n[fleet]\nurl = \"file://{}\"\nnode_id = \"web-1\"\nreport_interval = \"1s\"\n",
+            fleet.path().display()
+        )
+    };
+    let mut printed = Vec::new();
+    let mut f = fixture(&["myapp"], &notify(&failing_url()));
+    f.publish(&[pkg("myapp", "1.0")]);
+    let config = std::fs::read_to_string(&f.node.config).expect("config");
+    // `webhook = VALUE`, VALUE as written in the file.
+    let set_value = |value: &str| {
+        let text = config.replace(&format!("{:?}", failing_url()), value);
+        assert!(config.contains(&format!("{:?}", failing_url())), "{config}");
+        std::fs::write(&f.node.config, text).expect("write config");
+    };
+    let set_url = |url: &str| set_value(&format!("{url:?}"));
+
+    // A mistyped URL: check-config and once refuse it, naming the key.
+    let mut bad_values: Vec<String> = malformed_urls().iter().map(|u| format!("{u:?}")).collect();
+    // And a line TOML cannot parse (no closing quote).
+    bad_values.push(format!("\"{}", failing_url()));
+    for url in &bad_values {
+        set_value(url);
+        for args in [&["check-config"][..], &["once"]] {
+            let out = f.node.command(args).output().expect("run pulldeploy");
+            let text = text_of(&out);
+            assert_eq!(out.status.code(), Some(64), "{url} {args:?}: {text}");
+            assert!(
+                text.contains("notify.webhook: not an http(s) URL") || text.contains("line "),
+                "{url}: {text}"
+            );
+            printed.push(text);
+        }
+    }
+
+    // The valid URL (that fails): once installs, and reports to the fleet.
+    set_url(&failing_url());
+    let out = f.once();
+    assert!(out.status.success(), "{}", text_of(&out));
+    printed.push(text_of(&out));
+
+    // The daemon: a failing cycle's message, not delivered; then a reload
+    // to a mistyped URL, refused.
+    let mut run = Running::start(f.node.command(&["run"]));
+    let port = run.health_port();
+    break_repository(&f);
+    run.wait_for_line("webhook message not delivered", DELIVERY);
+    wait_for("the failure in /metrics", DELIVERY, || {
+        webhook_counts(port).1 >= 1.0
+    });
+    printed.push(metrics(port));
+    for url in malformed_urls() {
+        set_url(&url);
+        // SAFETY: kill(2) on our own running child.
+        unsafe { libc::kill(run.pid() as i32, libc::SIGHUP) };
+        run.wait_for_line("reload failed", LIMIT);
+        run.wait_for_line("notify.webhook: not an http(s) URL", LIMIT);
+    }
+    printed.push(metrics(port));
+    for args in [&["status"][..], &["status", "--json"]] {
+        let out = f.node.command(args).output().expect("run status");
+        printed.push(text_of(&out));
+    }
+    run.kill();
+    printed.push(run_log(&mut run));
+    let reports = files_text(fleet.path());
+    assert!(reports.contains("web-1"), "no node report: {reports}");
+    printed.push(reports);
+
+    // The publisher: --webhook and PULLDEPLOY_WEBHOOK, mistyped and failing.
+    let publisher = Publisher::new();
+    for url in malformed_urls() {
+        for (args, env) in [
+            (vec!["--webhook", url.as_str()], vec![]),
+            (vec![], vec![("PULLDEPLOY_WEBHOOK", url.as_str())]),
+        ] {
+            let out = publisher.publish("staging", "1.0", &args, &env);
+            assert_eq!(out.out.status.code(), Some(64), "{}", out.stderr());
+            assert!(out.stderr().contains("--webhook"), "{}", out.stderr());
+            printed.push(text_of(&out.out));
+        }
+    }
+    let failing = failing_url();
+    let out = publisher.publish("staging", "1.0", &["--webhook", &failing], &[]);
+    out.assert_ok();
+    assert!(out.stderr().contains("not delivered"), "{}", out.stderr());
+    printed.push(text_of(&out.out));
+
+    for text in &printed {
+        assert!(
+            !text.contains(SECRET),
+            "a webhook secret was printed:\n{text}"
+        );
+    }
+}
+
+/// Everything a finished daemon logged.
+fn run_log(run: &mut Running) -> String {
+    run.drain_lines();
+    run.log.join("\n")
+}

@@ -162,10 +162,7 @@ impl Agent {
             .iter()
             .map(|(name, version, by)| format!("halted: {name} {version} (by {by})"))
             .collect();
-        let recheck_at = chrono::Duration::from_std(self.config.fleet.report_interval)
-            .ok()
-            .and_then(|interval| now.checked_add_signed(interval))
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let recheck_at = crate::clock::add(now, self.config.fleet.report_interval);
         (reasons, recheck_at)
     }
 

@@ -178,6 +178,21 @@ fn node_configured(
     extra: &str,
 ) -> Node {
     let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(&dir, extra).expect("config");
+    node_from(
+        dir,
+        config,
+        Box::new(NoSource),
+        installed,
+        failing,
+        locked_elsewhere,
+    )
+}
+
+/// The node's config in `dir`, with `extra` lines at the top of its
+/// tables (`extra` holds whole `[table]` blocks: repository, agent,
+/// install, health, fleet), and a fresh keyring.
+fn write_config(dir: &TempDir, extra: &str) -> Result<Config, crate::error::ConfigError> {
     let (cert, _) = CertBuilder::new()
         .add_userid("Repo <repo@acme.test>")
         .add_signing_subkey()
@@ -186,14 +201,36 @@ fn node_configured(
     let keyring_path = dir.path().join("keyring.asc");
     std::fs::write(&keyring_path, cert.armored().to_vec().expect("armor")).expect("keyring");
     let config_path = dir.path().join("config.toml");
-    let text = format!(
+    let mut text = format!(
         "[repository]\nurl = \"file:///nonexistent\"\nsuite = \"production\"\narchitecture = \"amd64\"\n\
          keyring = \"keyring.asc\"\n\n[agent]\npackages = [\"myapp\"]\nstate_dir = \"state\"\n\
-         cache_dir = \"cache\"\n\n[install]\nroot = {:?}\nlock_timeout = \"1s\"\n{extra}",
+         cache_dir = \"cache\"\n\n[install]\nroot = {:?}\n",
         dir.path().join("root")
     );
+    if !extra.contains("lock_timeout") {
+        text = text.replace("[install]\n", "[install]\nlock_timeout = \"1s\"\n");
+    }
+    for block in extra.split("\n\n").map(str::trim).filter(|b| !b.is_empty()) {
+        let (header, lines) = block.split_once('\n').unwrap_or((block, ""));
+        let header = format!("{header}\n");
+        match text.contains(&header) {
+            true => text = text.replacen(&header, &format!("{header}{lines}\n"), 1),
+            false => text.push_str(&format!("\n{header}{lines}\n")),
+        }
+    }
     std::fs::write(&config_path, &text).expect("config");
-    let config = Config::from_toml(&config_path, &text).expect("config");
+    Config::from_toml(&config_path, &text)
+}
+
+fn node_from(
+    dir: TempDir,
+    config: Config,
+    source: Box<dyn Source>,
+    installed: &[(&str, &str)],
+    failing: &[&str],
+    locked_elsewhere: bool,
+) -> Node {
+    let keyring_path = dir.path().join("keyring.asc");
     std::fs::create_dir_all(dir.path().join("state")).expect("state dir");
     std::fs::create_dir_all(dir.path().join("cache").join(CACHE_SUBDIR)).expect("cache dir");
     let installer = FakeInstaller {
@@ -213,7 +250,7 @@ fn node_configured(
     let agent = Agent::from_parts(
         config,
         "amd64".into(),
-        Box::new(NoSource),
+        source,
         Box::new(installer.clone()),
         Keyring::load(&keyring_path).expect("keyring"),
         Box::new(FixedClock(noon())),
@@ -990,4 +1027,94 @@ fn the_halt_marker_is_written_before_the_lease_is_given_back() {
         matches!((halted, released), (Some(h), Some(r)) if h < r),
         "the halt marker must be written before the lease is given back: {ops:#?}"
     );
+}
+
+/// A repository that has not changed since the accepted Release: every
+/// request answers 304, so a cycle checks the accepted Release's times
+/// (clock_skew, max_age) and ends.
+struct Unchanged;
+
+impl Source for Unchanged {
+    fn url(&self, path: &str) -> String {
+        format!("fake://{path}")
+    }
+
+    fn get<'a>(
+        &'a self,
+        _path: &'a str,
+        _if_none_match: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Fetched, SourceError>> {
+        Box::pin(async { Ok(Fetched::NotModified) })
+    }
+}
+
+/// No duration in the config panics the agent: over many random
+/// durations (huge ones included) for every duration key, the config is
+/// either refused naming the key and its range, or a whole cycle runs
+/// (and, the accepted Release being as old as the clock, succeeds).
+#[test]
+fn no_config_duration_panics_a_cycle() {
+    use rand::{Rng, SeedableRng};
+    const KEYS: [(&str, &str); 10] = [
+        ("repository", "max_age"),
+        ("repository", "clock_skew"),
+        ("agent", "interval"),
+        ("agent", "jitter"),
+        ("agent", "cycle_timeout"),
+        ("install", "lock_timeout"),
+        ("health", "health_timeout"),
+        ("health", "check_interval"),
+        ("health", "drain"),
+        ("fleet", "report_interval"),
+    ];
+    const UNITS: [&str; 6] = ["ms", "s", "m", "h", "d", "years"];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x16_05);
+    let (mut refused, mut ran) = (0, 0);
+    for _ in 0..200 {
+        let (table, key) = KEYS[rng.random_range(0..KEYS.len())];
+        let unit = UNITS[rng.random_range(0..UNITS.len())];
+        let amount: u64 = match rng.random_range(0..4) {
+            0 => rng.random_range(0..100),
+            1 => rng.random_range(0..1_000_000),
+            2 => rng.random_range(0..u64::from(u32::MAX)),
+            _ => rng.random(),
+        };
+        let value = format!("{amount}{unit}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = match write_config(&dir, &format!("[{table}]\n{key} = {value:?}")) {
+            Err(crate::error::ConfigError::Invalid { problems, .. }) => {
+                let named = format!("{table}.{key}: ");
+                assert!(
+                    problems.iter().any(|p| p.starts_with(&named)),
+                    "{value} for {table}.{key}: {problems:?}"
+                );
+                assert_eq!(problems.len(), 1, "{problems:?}");
+                refused += 1;
+                continue;
+            }
+            Err(other) => panic!("{value} for {table}.{key}: {other}"),
+            Ok(config) => config,
+        };
+        let n = node_from(
+            dir,
+            config,
+            Box::new(Unchanged),
+            &[("myapp", "1.0")],
+            &[],
+            false,
+        );
+        let mut state = n.committed("1.0", true);
+        state.release = Some(accepted());
+        state.save(&n.state_path()).expect("save state");
+        let cycle = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            runtime().block_on(n.agent.cycle(&mut state, std::future::pending()))
+        }));
+        let result = cycle
+            .unwrap_or_else(|_| panic!("{table}.{key} = {value:?} panicked the cycle"))
+            .expect("not cancelled");
+        assert!(result.is_ok(), "{table}.{key} = {value:?}: {result:?}");
+        ran += 1;
+    }
+    // Both ways were taken: the seed gives in-range and huge values.
+    assert!(refused > 20 && ran > 20, "refused {refused}, ran {ran}");
 }

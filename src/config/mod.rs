@@ -12,6 +12,7 @@
 //! [`read`] walks the file; `tests` holds the unit tests.
 
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ use crate::error::ConfigError;
 use crate::repo::names::{self, Architecture, Suite};
 
 mod read;
+
+pub(crate) use read::duration_in;
 
 use read::{Problems, Section};
 
@@ -193,7 +196,8 @@ pub struct LifecycleSettings {
 /// `[notify]`: an incoming webhook (Slack-compatible `{"text": ...}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotifySettings {
-    pub webhook: String,
+    /// A credential: never printed (see [`crate::webhook::WebhookUrl`]).
+    pub webhook: crate::webhook::WebhookUrl,
     pub events: Vec<NodeEvent>,
     /// Consecutive failed cycles that make a `failing` event (once per
     /// streak).
@@ -243,6 +247,33 @@ const DEFAULT_COMPONENT: &str = "main";
 const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(300);
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+// ---- duration ranges ------------------------------------------------------
+//
+// Every duration key has a range, checked where it is parsed
+// ([`Section::take_duration`]): the agent adds these to times (a Release
+// Date, a lease expiry) and sleeps on them, and `"300000years"` must be a
+// config error naming the key, not an overflow in every cycle.
+
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+/// humantime's year (365.25 days), so the range reads "10years".
+const YEAR: Duration = Duration::from_secs(31_557_600);
+/// The shortest positive duration a key that must be "greater than 0" takes.
+const POSITIVE: Duration = Duration::from_millis(1);
+/// `repository.max_age`: a Release may be up to 10 years old.
+const MAX_AGE_RANGE: RangeInclusive<Duration> = Duration::from_secs(1)..=YEAR.saturating_mul(10);
+/// `repository.clock_skew`: a Release Date at most a day ahead of the clock.
+const CLOCK_SKEW_RANGE: RangeInclusive<Duration> = Duration::ZERO..=DAY;
+const INTERVAL_RANGE: RangeInclusive<Duration> = MIN_INTERVAL..=DAY;
+const JITTER_RANGE: RangeInclusive<Duration> = Duration::ZERO..=DAY;
+const CYCLE_TIMEOUT_RANGE: RangeInclusive<Duration> = POSITIVE..=DAY;
+const LOCK_TIMEOUT_RANGE: RangeInclusive<Duration> = Duration::ZERO..=DAY;
+const HEALTH_TIMEOUT_RANGE: RangeInclusive<Duration> = Duration::ZERO..=DAY;
+const CHECK_INTERVAL_RANGE: RangeInclusive<Duration> = POSITIVE..=HOUR;
+const DRAIN_RANGE: RangeInclusive<Duration> = Duration::ZERO..=HOUR;
+const REPORT_INTERVAL_RANGE: RangeInclusive<Duration> = MIN_REPORT_INTERVAL..=DAY;
+
 const DEFAULT_JITTER: Duration = Duration::from_secs(10);
 const DEFAULT_CYCLE_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_STATE_DIR: &str = "/var/lib/pulldeploy";
@@ -269,6 +300,18 @@ fn http_url(text: &str) -> Result<String, String> {
         return Err(format!("{text:?} has no host"));
     }
     Ok(text.trim_end_matches('/').to_string())
+}
+
+/// toml's error as "line L, column C: message", without the line of the
+/// file toml quotes: a line may hold a credential (a mistyped `webhook`).
+fn syntax_message(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end();
+    let Some(before) = error.span().and_then(|span| text.get(..span.start)) else {
+        return message.to_string();
+    };
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    format!("line {line}, column {column}: {message}")
 }
 
 /// A path of the file, relative ones against the file's directory.
@@ -310,8 +353,10 @@ fn read_repository(mut s: Section, base: &Path) -> (Option<RepositorySettings>, 
     let keyring = s
         .need("keyring", Section::take_path)
         .map(|path| resolve(base, path));
-    let max_age = s.take_duration("max_age");
-    let clock_skew = s.take_duration("clock_skew").unwrap_or(DEFAULT_CLOCK_SKEW);
+    let max_age = s.take_duration("max_age", MAX_AGE_RANGE);
+    let clock_skew = s
+        .take_duration("clock_skew", CLOCK_SKEW_RANGE)
+        .unwrap_or(DEFAULT_CLOCK_SKEW);
     let mut positive = |key: &str, default: u64| match s.take_u64(key) {
         Some(0) => {
             s.problem(key, "must be greater than 0");
@@ -348,23 +393,15 @@ fn read_agent(mut s: Section, base: &Path, protected: &[(&str, &Path)]) -> Optio
     let packages = s
         .need("packages", Section::take_str_list)
         .map(|list| package_specs(&mut s, &list));
-    let interval = s.take_duration("interval").unwrap_or(DEFAULT_INTERVAL);
-    if interval < MIN_INTERVAL {
-        s.problem(
-            "interval",
-            format!(
-                "must be at least {}",
-                humantime::format_duration(MIN_INTERVAL)
-            ),
-        );
-    }
-    let jitter = s.take_duration("jitter").unwrap_or(DEFAULT_JITTER);
+    let interval = s
+        .take_duration("interval", INTERVAL_RANGE)
+        .unwrap_or(DEFAULT_INTERVAL);
+    let jitter = s
+        .take_duration("jitter", JITTER_RANGE)
+        .unwrap_or(DEFAULT_JITTER);
     let cycle_timeout = s
-        .take_duration("cycle_timeout")
+        .take_duration("cycle_timeout", CYCLE_TIMEOUT_RANGE)
         .unwrap_or(DEFAULT_CYCLE_TIMEOUT);
-    if cycle_timeout.is_zero() {
-        s.problem("cycle_timeout", "must be greater than 0");
-    }
     let state_dir = own_dir(&mut s, "state_dir", DEFAULT_STATE_DIR, base, protected);
     let cache_dir = own_dir(&mut s, "cache_dir", DEFAULT_CACHE_DIR, base, protected);
     s.finish();
@@ -487,7 +524,7 @@ fn real_path(path: &Path) -> PathBuf {
 fn read_install(mut s: Section, base: &Path) -> InstallSettings {
     let root = s.take_path("root").unwrap_or_else(|| DEFAULT_ROOT.into());
     let lock_timeout = s
-        .take_duration("lock_timeout")
+        .take_duration("lock_timeout", LOCK_TIMEOUT_RANGE)
         .unwrap_or(DEFAULT_LOCK_TIMEOUT);
     s.finish();
     InstallSettings {
@@ -524,15 +561,14 @@ fn read_health(mut s: Section) -> Option<HealthSettings> {
         s.problem("healthy_after", "must be at least 1");
     }
     let health_timeout = s
-        .take_duration("health_timeout")
+        .take_duration("health_timeout", HEALTH_TIMEOUT_RANGE)
         .unwrap_or(DEFAULT_HEALTH_TIMEOUT);
     let check_interval = s
-        .take_duration("check_interval")
+        .take_duration("check_interval", CHECK_INTERVAL_RANGE)
         .unwrap_or(DEFAULT_CHECK_INTERVAL);
-    if check_interval.is_zero() {
-        s.problem("check_interval", "must be greater than 0");
-    }
-    let drain = s.take_duration("drain").unwrap_or(DEFAULT_DRAIN);
+    let drain = s
+        .take_duration("drain", DRAIN_RANGE)
+        .unwrap_or(DEFAULT_DRAIN);
     s.finish();
     Some(HealthSettings {
         listen: listen?,
@@ -560,17 +596,8 @@ fn read_fleet(mut s: Section, repository_url: Option<&RepoUrl>) -> FleetSettings
         .take_str("node_id")
         .and_then(|id| s.check("node_id", node_id(&id)));
     let report_interval = s
-        .take_duration("report_interval")
+        .take_duration("report_interval", REPORT_INTERVAL_RANGE)
         .unwrap_or(DEFAULT_REPORT_INTERVAL);
-    if report_interval < MIN_REPORT_INTERVAL {
-        s.problem(
-            "report_interval",
-            format!(
-                "must be at least {}",
-                humantime::format_duration(MIN_REPORT_INTERVAL)
-            ),
-        );
-    }
     s.finish();
     FleetSettings {
         url,
@@ -632,7 +659,7 @@ fn read_lifecycle(mut s: Section) -> LifecycleSettings {
 fn read_notify(mut s: Section) -> Option<NotifySettings> {
     let webhook = s
         .need("webhook", Section::take_str)
-        .and_then(|url| s.check("webhook", http_url(&url)));
+        .and_then(|url| s.check("webhook", crate::webhook::WebhookUrl::parse(&url)));
     let events = match s.take_str_list("events") {
         None => NodeEvent::ALL.to_vec(),
         Some(list) => {
@@ -685,7 +712,7 @@ impl Config {
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let table: Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
+            message: syntax_message(text, &e),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut problems = Problems::default();

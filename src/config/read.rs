@@ -2,6 +2,7 @@
 //! `take_*` readers remove a key, check its TOML type and record a problem
 //! under the key's full name, so one problem does not hide the next.
 
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -95,10 +96,17 @@ impl<'p> Section<'p> {
         Some(PathBuf::from(text))
     }
 
-    pub(super) fn take_duration(&mut self, key: &str) -> Option<Duration> {
+    /// A duration within `range`, bounded here where it is parsed: the
+    /// agent adds these to times and sleeps on them, and a duration past
+    /// the calendar (`"300000years"`) must be a named config error, never
+    /// an overflow in a cycle. Out of range is reported with the range.
+    pub(super) fn take_duration(
+        &mut self,
+        key: &str,
+        range: RangeInclusive<Duration>,
+    ) -> Option<Duration> {
         let text = self.take(key, "a string like \"60s\"", string)?;
-        let parsed = humantime::parse_duration(&text)
-            .map_err(|e| format!("{text:?} is not a duration like \"60s\" or \"5m\": {e}"));
+        let parsed = duration_in(&text, &range);
         self.check(key, parsed)
     }
 
@@ -154,6 +162,25 @@ impl<'p> Section<'p> {
                 _ => self.problem(&key, "unknown key"),
             }
         }
+    }
+}
+
+/// `text` as a duration (humantime: `60s`, `5m`, `7d`) within `range`;
+/// out of range, a message naming the range ("is out of range: 0s to
+/// 1day"). For the config's keys and the command line's options alike.
+pub(crate) fn duration_in(
+    text: &str,
+    range: &RangeInclusive<Duration>,
+) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration like \"60s\" or \"5m\": {e}"))?;
+    match range.contains(&duration) {
+        true => Ok(duration),
+        false => Err(format!(
+            "{text:?} is out of range: {} to {}",
+            humantime::format_duration(*range.start()),
+            humantime::format_duration(*range.end())
+        )),
     }
 }
 

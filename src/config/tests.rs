@@ -410,7 +410,7 @@ fn fleet_lifecycle_notify_problems_are_all_reported() {
     for expected in [
         "fleet.url: is the repository itself",
         "fleet.node_id: \"../etc\" is not a node id",
-        "fleet.report_interval: must be at least 1s",
+        "fleet.report_interval: \"0s\" is out of range: 1s to 1day",
         "fleet.extra: unknown key",
         "lifecycle.launch_hook: [lifecycle] names no hook",
         "notify.webhook: missing (required)",

@@ -90,12 +90,15 @@ impl Publisher {
             // Without --valid-for, the suite keeps the validity period it
             // had: a publish must not quietly drop freshness protection.
             let valid_until = match self.valid_for {
-                Some(d) => {
-                    Some(date + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX))
-                }
-                None => current
-                    .as_ref()
-                    .and_then(|c| c.valid_until.map(|v| date + (v - c.date))),
+                Some(d) => Some(crate::clock::add(date, d)),
+                // Saturating: a signed Valid-Until far past the calendar
+                // is refused by the verify before flip, not a panic here.
+                None => current.as_ref().and_then(|c| {
+                    c.valid_until.map(|v| {
+                        date.checked_add_signed(v - c.date)
+                            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+                    })
+                }),
             };
             // Refresh and rollout change a suite that must exist.
             let existing = || {
@@ -354,7 +357,7 @@ async fn next_date(current: Option<&Current>) -> Result<DateTime<Utc>, Error> {
         Some(modified) if modified > current.date => (modified, "Last-Modified"),
         _ => (current.date, "Release Date"),
     };
-    let date = now.max(previous + chrono::Duration::seconds(1));
+    let date = now.max(crate::clock::add(previous, Duration::from_secs(1)));
     let limit = chrono::Duration::from_std(MAX_DATE_WAIT).unwrap_or(chrono::Duration::MAX);
     let clock_behind = || PublishError::ClockBehind {
         url: current.url.clone(),

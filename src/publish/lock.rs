@@ -58,7 +58,7 @@ pub struct Holder {
 }
 
 pub(crate) fn lock_text(owner: &str, acquired: DateTime<Utc>, ttl: Duration) -> String {
-    let expires = acquired + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+    let expires = crate::clock::add(acquired, ttl);
     format!(
         "Owner: {owner}\nAcquired: {}\nExpires: {}\n",
         acquired.to_rfc3339(),

@@ -158,7 +158,14 @@ async fn read_deb(path: &Path) -> Result<DebInfo, Error> {
 /// never the command.
 async fn announce(args: &RepoArgs, event: PublisherEvent, suite: &str, report: &[String]) {
     let text = crate::webhook::suite_change_text(&args.repo, suite, report);
-    crate::webhook::announce(args.webhook.as_deref(), event, text).await;
+    crate::webhook::announce(
+        args.webhook
+            .as_ref()
+            .map(crate::webhook::WebhookUrl::expose),
+        event,
+        text,
+    )
+    .await;
 }
 
 fn print_report(lines: &[String]) {

@@ -149,9 +149,9 @@ impl Release {
     }
 
     pub fn check_freshness(&self, rules: &Freshness) -> Result<(), Stale> {
-        let skew = chrono::Duration::from_std(rules.clock_skew).unwrap_or(chrono::Duration::MAX);
+        let ahead = crate::clock::add(rules.now, rules.clock_skew);
         if let Some(accepted) = rules.accepted {
-            if rules.now + skew < accepted {
+            if ahead < accepted {
                 return Err(Stale::ClockBehind { accepted });
             }
             if self.date < accepted {
@@ -163,17 +163,14 @@ impl Release {
         {
             return Err(Stale::Expired { valid_until });
         }
-        if self.date > rules.now + skew {
+        if self.date > ahead {
             return Err(Stale::FromFuture);
         }
         if let Some(max_age) = rules.max_age
             && self.valid_until.is_none()
+            && crate::clock::add(self.date, max_age) < rules.now
         {
-            let max_age_chrono =
-                chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
-            if self.date + max_age_chrono < rules.now {
-                return Err(Stale::TooOld { max_age });
-            }
+            return Err(Stale::TooOld { max_age });
         }
         Ok(())
     }
@@ -197,9 +194,10 @@ impl Release {
 }
 
 fn check_clock(rules: &Freshness) -> Result<(), Stale> {
-    let skew = chrono::Duration::from_std(rules.clock_skew).unwrap_or(chrono::Duration::MAX);
     match rules.accepted {
-        Some(accepted) if rules.now + skew < accepted => Err(Stale::ClockBehind { accepted }),
+        Some(accepted) if crate::clock::add(rules.now, rules.clock_skew) < accepted => {
+            Err(Stale::ClockBehind { accepted })
+        }
         _ => Ok(()),
     }
 }
@@ -214,23 +212,20 @@ pub fn check_times(
     valid_until: Option<DateTime<Utc>>,
     rules: &Freshness,
 ) -> Result<(), Stale> {
-    let skew = chrono::Duration::from_std(rules.clock_skew).unwrap_or(chrono::Duration::MAX);
     check_clock(rules)?;
     if let Some(valid_until) = valid_until
         && valid_until < rules.now
     {
         return Err(Stale::Expired { valid_until });
     }
-    if date > rules.now + skew {
+    if date > crate::clock::add(rules.now, rules.clock_skew) {
         return Err(Stale::FromFuture);
     }
     if let Some(max_age) = rules.max_age
         && valid_until.is_none()
+        && crate::clock::add(date, max_age) < rules.now
     {
-        let max_age_chrono = chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
-        if date + max_age_chrono < rules.now {
-            return Err(Stale::TooOld { max_age });
-        }
+        return Err(Stale::TooOld { max_age });
     }
     Ok(())
 }

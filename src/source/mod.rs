@@ -20,7 +20,7 @@ use std::pin::Pin;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::config::{Config, RepoUrl};
-use crate::error::{Error, SourceError, VerifyError};
+use crate::error::{Error, SourceError, StateError, VerifyError};
 use crate::repo::digest::{CHUNK, Expected, Mismatch, StreamDigest, StreamError};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -153,7 +153,7 @@ pub async fn download_verified(
     let guard = RemoveOnDrop(Some(partial.clone()));
     stream_to(url, body, expected, &partial).await?;
     tokio::fs::rename(&partial, dest).await.map_err(|source| {
-        Error::Source(SourceError::WriteCache {
+        Error::State(StateError::WriteCache {
             path: dest.to_path_buf(),
             source,
         })
@@ -185,7 +185,7 @@ async fn stream_to(
     partial: &Path,
 ) -> Result<(), Error> {
     let write_error = |source| {
-        Error::Source(SourceError::WriteCache {
+        Error::State(StateError::WriteCache {
             path: partial.to_path_buf(),
             source,
         })

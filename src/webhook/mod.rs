@@ -204,7 +204,12 @@ impl Notifier {
             events: notify.events.clone(),
             failing_after: notify.failing_after,
         };
-        Notifier::start(&notify.webhook, counters, Retry::default(), Some(node))
+        Notifier::start(
+            notify.webhook.expose(),
+            counters,
+            Retry::default(),
+            Some(node),
+        )
     }
 
     /// A publisher command's notifier: `webhook` (`--webhook`), if given.
@@ -368,14 +373,77 @@ pub async fn announce(webhook: Option<&str>, event: PublisherEvent, text: String
     notifier.flush(CLI_DEADLINE).await;
 }
 
-/// `--webhook`: an http:// or https:// URL with a host.
+/// `[notify] webhook` and `--webhook`: an http:// or https:// URL with a
+/// host. The problem is said without the value (it is a credential, even
+/// mistyped): "not an http(s) URL: invalid port number (value hidden)".
 pub fn parse_url(text: &str) -> Result<String, String> {
-    // Not echoed back: the URL is a credential.
-    let url = reqwest::Url::parse(text).map_err(|e| format!("not a URL ({e})"))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
-        return Err("must be an http:// or https:// URL with a host".into());
+    let hidden = |why: &str| format!("not an http(s) URL: {why} (value hidden)");
+    // url's ParseError texts are fixed ("invalid port number"): no input.
+    let url = reqwest::Url::parse(text).map_err(|e| hidden(&e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(hidden("the scheme is not http or https"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(hidden("no host"));
     }
     Ok(text.to_string())
+}
+
+/// A webhook URL, checked by [`parse_url`]. A credential (whoever has it
+/// can post to the channel): its `Debug` says only that it is hidden, and
+/// it has no `Display`, so it cannot end up in a log line, an error or a
+/// report by a `{:?}` of the config or the command line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookUrl(String);
+
+impl WebhookUrl {
+    pub fn parse(text: &str) -> Result<WebhookUrl, String> {
+        parse_url(text).map(WebhookUrl)
+    }
+
+    /// The URL itself, for the HTTP client alone.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for WebhookUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WebhookUrl(hidden)")
+    }
+}
+
+/// clap's parser for `--webhook` and `PULLDEPLOY_WEBHOOK`. clap's own
+/// "invalid value" error quotes the value; this one names the option and
+/// the problem only.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WebhookArg;
+
+impl clap::builder::TypedValueParser for WebhookArg {
+    type Value = WebhookUrl;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<WebhookUrl, clap::Error> {
+        let name = arg.map_or_else(|| "--webhook".to_string(), |a| a.to_string());
+        let text = value.to_str().ok_or_else(|| {
+            clap::Error::raw(
+                clap::error::ErrorKind::InvalidUtf8,
+                format!("invalid value for '{name}': not UTF-8 (value hidden)\n"),
+            )
+            .with_cmd(cmd)
+        })?;
+        WebhookUrl::parse(text).map_err(|problem| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '{name}': {problem}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
 }
 
 // ---- the failing streak ----------------------------------------------------

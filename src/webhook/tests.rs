@@ -328,6 +328,26 @@ fn slack_text_is_escaped_and_cut() {
     assert_eq!(cut.chars().count(), MAX_TEXT_CHARS + " [cut]".len());
 }
 
+/// A refused URL is a credential all the same: the problem is named, no
+/// part of the value is (nor by the `Debug` of an accepted one).
+#[test]
+fn a_refused_webhook_url_is_not_echoed() {
+    for bad in [
+        "htps://u:zzsecret@hooks.example.com/T0/zzsecret?t=zzsecret",
+        "https://u:zzsecret@hooks.example.com:99999/zzsecret?t=zzsecret",
+        "https://u:zzsecret@hooks.exa mple.com/zzsecret?t=zzsecret",
+        "hooks.example.com/zzsecret?t=zzsecret",
+    ] {
+        let error = parse_url(bad).expect_err(bad);
+        assert!(error.contains("value hidden"), "{error}");
+        assert!(!error.contains("zzsecret"), "{error}");
+    }
+    let url = WebhookUrl::parse("https://u:zzsecret@hooks.example.com/zzsecret?t=zzsecret")
+        .expect("valid");
+    assert!(!format!("{url:?}").contains("zzsecret"), "{url:?}");
+    assert!(url.expose().contains("zzsecret"));
+}
+
 #[test]
 fn webhook_urls_are_http_with_a_host() {
     assert!(parse_url("https://hooks.slack.com/services/T0/B0/X").is_ok());
