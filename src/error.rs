@@ -197,6 +197,16 @@ pub enum VerifyError {
         keyring: PathBuf,
         details: String,
     },
+    #[error(
+        "{url} signed at {signed_at}, {ahead} ahead of this node's clock ({now}) (clock_skew {clock_skew}): check time sync"
+    )]
+    SignedAhead {
+        url: String,
+        signed_at: String,
+        ahead: String,
+        now: String,
+        clock_skew: String,
+    },
     #[error("{url}: signed text differs from the cleartext framing ({reason})")]
     SignedTextMismatch { url: String, reason: String },
     #[error("{url}: cannot parse Release: {reason}")]

@@ -106,6 +106,7 @@ pub struct RolloutGauges {
     wave: Gauge,
     waiting_for_wave: Gauge,
     waiting_for_lease: Gauge,
+    clock_offset: OptionalGauge<f64>,
 }
 
 impl RolloutGauges {
@@ -130,6 +131,17 @@ impl RolloutGauges {
             "Whether an install waits for a free in-flight lease (1) or not (0)",
             self.waiting_for_lease.clone(),
         );
+        registry.register_with_unit(
+            "clock_offset",
+            "How far the repository server's clock (its Date headers) is ahead of this node's; negative: behind (absent for a file:// repository)",
+            Unit::Seconds,
+            self.clock_offset.clone(),
+        );
+    }
+
+    /// The offset of the repository's clock from the node's, once known.
+    pub fn set_clock_offset(&self, seconds: Option<f64>) {
+        self.clock_offset.set(seconds);
     }
 
     pub fn set_wave(&self, position: f64, wave: usize) {
