@@ -79,11 +79,11 @@ impl AgentClock {
         self.base.now()
     }
 
-    /// How far the repository's clock is ahead of the node's (negative:
-    /// behind), once known.
+    /// How far the node's clock is ahead of the repository's (negative:
+    /// behind), once a response has shown the repository's.
     pub fn offset(&self) -> Option<chrono::TimeDelta> {
         let server = self.server.as_ref()?.now()?;
-        Some(server.signed_duration_since(self.base.now()))
+        Some(self.base.now().signed_duration_since(server))
     }
 
     /// The later of the node's clock and the repository's: what expiry
@@ -154,7 +154,7 @@ mod tests {
             "{lag}"
         );
         let offset = clock.offset().expect("offset").num_seconds();
-        assert!((-7201..=-7195).contains(&offset), "{offset}");
+        assert!((7195..=7201).contains(&offset), "{offset}");
         // Expiry is judged by the later of the two.
         assert_eq!(clock.later(), server_date + two_hours);
         // A garbled header leaves the last good one.

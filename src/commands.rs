@@ -113,7 +113,7 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
         let beyond = offset.unsigned_abs() > config.repository.clock_skew.as_secs();
         let _ = writeln!(
             out,
-            "clock offset: repository {offset:+} s from this node{}",
+            "clock offset: this node {offset:+} s from the repository{}",
             if beyond {
                 " (beyond clock_skew: check time sync; rollout times go by the repository's clock)"
             } else {

@@ -51,9 +51,9 @@ pub struct State {
     /// when it changes, as for a paused rollout).
     #[serde(default)]
     pub waiting: Option<Waiting>,
-    /// How many seconds the repository server's clock (its `Date` headers)
-    /// was ahead of this node's at the last cycle; negative: behind. Absent
-    /// for a `file://` repository, which has no clock of its own.
+    /// How many seconds this node's clock was ahead of the repository
+    /// server's (its `Date` headers) at the last cycle; negative: behind.
+    /// Absent for a `file://` repository, which has no clock of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_offset: Option<i64>,
 }

@@ -22,7 +22,7 @@ mod common {
 use std::process::{Command, Output};
 
 use chrono::{Duration, Utc};
-use common::cmd::{run, run_with_input};
+use common::cmd::{run, run_with_input, under_faketime};
 use common::deb::{DebSpec, build_deb};
 use common::gpg::GpgKey;
 use common::node::{Node, failure};
@@ -895,19 +895,7 @@ fn app_downgrade() {
 /// `pulldeploy once` on `node` under libfaketime: `faketime` with `args`
 /// before the program (a start time, or `-f` and an offset such as `-3h`).
 fn once_faked(node: &Node, args: &[&str]) -> Output {
-    let command = node.command(&["once"]);
-    let program = command.get_program().to_owned();
-    let node_args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-    let envs: Vec<_> = command
-        .get_envs()
-        .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
-        .collect();
-    Command::new("faketime")
-        .args(args)
-        .arg(program)
-        .args(node_args)
-        .env_clear()
-        .envs(envs)
+    under_faketime(&node.command(&["once"]), args)
         .output()
         .expect("faketime (apt-get install faketime; scripts/deps.sh does)")
 }

@@ -468,7 +468,7 @@ impl Agent {
         Ok(())
     }
 
-    /// The offset of the repository's clock from the node's, in whole
+    /// How far the node's clock is ahead of the repository's, in whole
     /// seconds, set into `/metrics`; a warning when it exceeds
     /// `clock_skew`, logged again only when it moves by more than a
     /// minute (not at every poll), and a note when it is back within.
@@ -486,7 +486,7 @@ impl Agent {
                         offset_seconds = seconds,
                         clock_skew = ?self.config.repository.clock_skew,
                         "this node's clock is {} the repository's by {}: check time sync; rollout times go by the repository's clock",
-                        if seconds < 0 { "ahead of" } else { "behind" },
+                        if seconds > 0 { "ahead of" } else { "behind" },
                         humantime::format_duration(std::time::Duration::from_secs(seconds.unsigned_abs())),
                     );
                     *logged = Some(seconds);

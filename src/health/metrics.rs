@@ -133,13 +133,13 @@ impl RolloutGauges {
         );
         registry.register_with_unit(
             "clock_offset",
-            "How far the repository server's clock (its Date headers) is ahead of this node's; negative: behind (absent for a file:// repository)",
+            "How far this node's clock is ahead of the repository server's (its Date headers); negative: behind (absent for a file:// repository)",
             Unit::Seconds,
             self.clock_offset.clone(),
         );
     }
 
-    /// The offset of the repository's clock from the node's, once known.
+    /// How far the node's clock is ahead of the repository's, once known.
     pub fn set_clock_offset(&self, seconds: Option<f64>) {
         self.clock_offset.set(seconds);
     }
