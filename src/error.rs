@@ -198,14 +198,15 @@ pub enum VerifyError {
         details: String,
     },
     #[error(
-        "{url} signed at {signed_at}, {ahead} ahead of this node's clock ({now}) (clock_skew {clock_skew}): check time sync"
+        "{url} signed at {signed_at}, {} ahead of this node's clock (clock_skew {}): check time sync",
+        humantime::format_duration(*.ahead),
+        humantime::format_duration(*.clock_skew)
     )]
     SignedAhead {
         url: String,
         signed_at: String,
-        ahead: String,
-        now: String,
-        clock_skew: String,
+        ahead: std::time::Duration,
+        clock_skew: std::time::Duration,
     },
     #[error("{url}: signed text differs from the cleartext framing ({reason})")]
     SignedTextMismatch { url: String, reason: String },

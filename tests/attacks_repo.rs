@@ -19,7 +19,7 @@ mod common {
     pub mod repo;
 }
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use chrono::{Duration, Utc};
 use common::cmd::{run, run_with_input, under_faketime};

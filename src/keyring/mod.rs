@@ -257,12 +257,10 @@ impl Keyring {
                 url: url.to_string(),
                 signed_at: chrono::DateTime::<chrono::Utc>::from(signed_at).to_rfc2822(),
                 // Signature times are whole seconds: round to the nearest.
-                ahead: humantime::format_duration(Duration::from_secs(
+                ahead: Duration::from_secs(
                     ahead.saturating_add(Duration::from_millis(500)).as_secs(),
-                ))
-                .to_string(),
-                now: chrono::DateTime::<chrono::Utc>::from(now).to_rfc2822(),
-                clock_skew: humantime::format_duration(clock_skew).to_string(),
+                ),
+                clock_skew,
             });
         }
         let mut again = Helper::new(&self.certs);
