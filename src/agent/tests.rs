@@ -1,7 +1,8 @@
 //! The install transaction and the cycle's bookkeeping, with fakes for the
-//! source (never reached), the installer and the clock: commit, every
-//! rollback path, the journal written before the installer runs, a
-//! deferred lock, and an interrupted install resumed by the next cycle.
+//! source (never reached, or only ever answering 304), the installer and
+//! the clock: commit, every rollback path, the journal written before the
+//! installer runs, a deferred lock, an interrupted install resumed by the
+//! next cycle, and expiry judged by the repository's clock.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -15,9 +16,9 @@ use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
 use super::{Agent, CACHE_SUBDIR, Change, Outcome, Plan, PlannedInstall};
-use crate::clock::Clock;
+use crate::clock::{Clock, ServerTime};
 use crate::config::Config;
-use crate::error::{Error, InstallError, SourceError};
+use crate::error::{Error, InstallError, SourceError, VerifyError};
 use crate::health::Health;
 use crate::install::{DpkgStatus, InstallLock, Installer};
 use crate::keyring::Keyring;
@@ -130,6 +131,28 @@ impl Source for NoSource {
     }
 }
 
+/// A repository that has not changed: every request is answered 304, by a
+/// server whose clock (its Date header) is `server`, when it has one.
+struct UnchangedSource(Option<Arc<ServerTime>>);
+
+impl Source for UnchangedSource {
+    fn url(&self, path: &str) -> String {
+        format!("fake://{path}")
+    }
+
+    fn get<'a>(
+        &'a self,
+        _path: &'a str,
+        _if_none_match: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Fetched, SourceError>> {
+        Box::pin(async { Ok(Fetched::NotModified) })
+    }
+
+    fn server_time(&self) -> Option<Arc<ServerTime>> {
+        self.0.clone()
+    }
+}
+
 struct FixedClock(DateTime<Utc>);
 
 impl Clock for FixedClock {
@@ -151,6 +174,23 @@ struct Node {
 /// A node whose installer has `installed`, fails `failing` versions, and
 /// (with `locked_elsewhere`) never gets the lock.
 fn node(installed: &[(&str, &str)], failing: &[&str], locked_elsewhere: bool) -> Node {
+    node_with(
+        installed,
+        failing,
+        locked_elsewhere,
+        Box::new(NoSource),
+        noon(),
+    )
+}
+
+/// The same, reading `source`, its own clock at `clock`.
+fn node_with(
+    installed: &[(&str, &str)],
+    failing: &[&str],
+    locked_elsewhere: bool,
+    source: Box<dyn Source>,
+    clock: DateTime<Utc>,
+) -> Node {
     let dir = tempfile::tempdir().expect("tempdir");
     let (cert, _) = CertBuilder::new()
         .add_userid("Repo <repo@acme.test>")
@@ -186,10 +226,10 @@ fn node(installed: &[(&str, &str)], failing: &[&str], locked_elsewhere: bool) ->
     let agent = Agent::from_parts(
         config,
         "amd64".into(),
-        Box::new(NoSource),
+        source,
         Box::new(installer.clone()),
         Keyring::load(&keyring_path).expect("keyring"),
-        Box::new(FixedClock(noon())),
+        Box::new(FixedClock(clock)),
         health,
     );
     Node {
@@ -529,4 +569,55 @@ fn a_resumed_install_hashes_its_debs_again_and_abandons_a_changed_one() {
     assert_eq!(state.pending, None, "the install is abandoned, not retried");
     assert_eq!(state.installed["myapp"].version, "1.0");
     assert!(state.bad.is_empty(), "the version is not to blame");
+}
+
+/// A node whose clock is 3 h behind runs on a Release whose Valid-Until
+/// passed an hour ago by the repository's clock, from a mirror frozen
+/// since (every poll a 304). By its own clock the Release is still valid;
+/// expiry is judged at the later of its clock and the server's (the Date
+/// headers), so the freeze is reported. A source without a server clock (a
+/// directory) has only the node's clock to go by.
+#[test]
+fn a_node_clock_behind_does_not_keep_an_expired_release_current() {
+    for server_clock in [true, false] {
+        let server = server_clock.then(|| {
+            let time = Arc::new(ServerTime::default());
+            time.observe(noon());
+            time
+        });
+        let behind = noon() - chrono::TimeDelta::hours(3);
+        let n = node_with(
+            &[("myapp", "1.0")],
+            &[],
+            false,
+            Box::new(UnchangedSource(server)),
+            behind,
+        );
+        let mut state = n.committed("1.0", true);
+        state.release = Some(AcceptedRelease {
+            date: noon() - chrono::TimeDelta::days(2),
+            valid_until: Some(noon() - chrono::TimeDelta::hours(1)),
+            ..accepted()
+        });
+        state.save(&n.state_path()).expect("save state");
+        let before = state.clone();
+        let result = runtime()
+            .block_on(n.agent.cycle(&mut state, std::future::pending()))
+            .expect("not cancelled");
+        if server_clock {
+            let error = result.expect_err("expired by the server's clock");
+            assert!(
+                matches!(error, Error::Verify(VerifyError::Expired { .. })),
+                "{error}"
+            );
+            // The offset is what the node records and shows.
+            assert_eq!(state.clock_offset.map(|s| s / 60), Some(-180));
+        } else {
+            assert_eq!(result.expect("no server clock"), Outcome::Unchanged);
+            assert_eq!(state.clock_offset, None);
+        }
+        assert_eq!(state.release, before.release);
+        assert_eq!(state.installed, before.installed);
+        assert!(n.installer.runs.lock().expect("runs").is_empty());
+    }
 }
