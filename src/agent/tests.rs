@@ -621,3 +621,36 @@ fn a_node_clock_behind_does_not_keep_an_expired_release_current() {
         assert!(n.installer.runs.lock().expect("runs").is_empty());
     }
 }
+
+/// The fleet (lease expiry, halt times) goes by the agent's corrected
+/// clock: a node whose clock runs 2 h ahead judges leases by the
+/// repository's time, so it does not break another node's live lease as
+/// expired.
+#[test]
+fn the_fleet_judges_lease_times_by_the_repository_clock() {
+    let server = Arc::new(ServerTime::default());
+    server.observe(noon());
+    let ahead = noon() + chrono::TimeDelta::hours(2);
+    let n = node_with(
+        &[],
+        &[],
+        false,
+        Box::new(UnchangedSource(Some(server))),
+        ahead,
+    );
+    let store = crate::publish::store::DirStore::new(n.dir.path().join("fleet"));
+    let agent = n.agent.with_fleet(crate::fleet::Fleet::with_store(
+        Box::new(store),
+        "production",
+        "n-1",
+    ));
+    let fleet_now = agent.fleet.as_ref().expect("fleet").now();
+    let off = fleet_now.signed_duration_since(noon());
+    assert!(
+        off >= chrono::TimeDelta::zero() && off < chrono::TimeDelta::seconds(60),
+        "the fleet's now is {fleet_now}, the repository's {}",
+        noon()
+    );
+    let offset = agent.clock.offset().expect("offset").num_seconds();
+    assert!((7140..=7200).contains(&offset), "{offset}");
+}
