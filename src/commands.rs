@@ -109,6 +109,18 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
             .unwrap_or_default();
         let _ = writeln!(out, "rollout: waiting: {}{again}", waiting.reason);
     }
+    if let Some(offset) = state.clock_offset {
+        let beyond = offset.unsigned_abs() > config.repository.clock_skew.as_secs();
+        let _ = writeln!(
+            out,
+            "clock offset: this node {offset:+} s from the repository{}",
+            if beyond {
+                " (beyond clock_skew: check time sync; rollout times go by the repository's clock)"
+            } else {
+                ""
+            }
+        );
+    }
     if !state.events.is_empty() {
         let _ = writeln!(out, "events (newest first):");
         for event in state.events.iter().rev().take(10) {

@@ -192,6 +192,17 @@ pub enum VerifyError {
         keyring: PathBuf,
         details: String,
     },
+    #[error(
+        "{url} signed at {signed_at}, {} ahead of this node's clock (clock_skew {}): check time sync",
+        humantime::format_duration(*.ahead),
+        humantime::format_duration(*.clock_skew)
+    )]
+    SignedAhead {
+        url: String,
+        signed_at: String,
+        ahead: std::time::Duration,
+        clock_skew: std::time::Duration,
+    },
     #[error("{url}: signed text differs from the cleartext framing ({reason})")]
     SignedTextMismatch { url: String, reason: String },
     #[error("{url}: cannot parse Release: {reason}")]
@@ -573,6 +584,7 @@ mod tests {
                 | VerifyError::FromFuture { .. }
                 | VerifyError::TooOld { .. }
                 | VerifyError::ClockBehind { .. }
+                | VerifyError::SignedAhead { .. }
                 | VerifyError::IndexMissing { .. }
                 | VerifyError::HashMismatch { .. }
                 | VerifyError::SizeMismatch { .. }
@@ -766,6 +778,12 @@ mod tests {
             VerifyError::ClockBehind {
                 now: s(),
                 accepted: s(),
+            },
+            VerifyError::SignedAhead {
+                url: s(),
+                signed_at: s(),
+                ahead: std::time::Duration::from_secs(3 * 3600),
+                clock_skew: std::time::Duration::from_secs(300),
             },
             VerifyError::IndexMissing {
                 url: s(),
@@ -1028,7 +1046,7 @@ mod tests {
     fn exit_codes_are_decided_per_variant() {
         let samples = samples();
         // One per variant: 4+5+6+24+11+6+19+3+19+7.
-        assert_eq!(samples.len(), 104);
+        assert_eq!(samples.len(), 105);
         for error in &samples {
             assert_eq!(error.exit_code(), decided(error), "{error:?}");
         }

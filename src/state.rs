@@ -51,6 +51,11 @@ pub struct State {
     /// when it changes, as for a paused rollout).
     #[serde(default)]
     pub waiting: Option<Waiting>,
+    /// How many seconds this node's clock was ahead of the repository
+    /// server's (its `Date` headers) at the last cycle; negative: behind.
+    /// Absent for a `file://` repository, which has no clock of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset: Option<i64>,
 }
 
 /// An install the rollout holds back (a later wave, no free in-flight

@@ -19,10 +19,10 @@ mod common {
     pub mod repo;
 }
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use chrono::{Duration, Utc};
-use common::cmd::{run, run_with_input};
+use common::cmd::{run, run_with_input, under_faketime};
 use common::deb::{DebSpec, build_deb};
 use common::gpg::GpgKey;
 use common::node::{Node, failure};
@@ -705,7 +705,7 @@ fn openpgp_fuzz() {
     let keyring = pulldeploy::keyring::Keyring::load(&f.key.public_key).expect("keyring");
     let now = std::time::SystemTime::now();
     let reference = keyring
-        .verify_cleartext("fuzz", &good, now)
+        .verify_cleartext("fuzz", &good, now, std::time::Duration::ZERO)
         .expect("good InRelease verifies")
         .text;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -738,7 +738,9 @@ fn openpgp_fuzz() {
                 break;
             }
         }
-        if let Ok(verified) = keyring.verify_cleartext("fuzz", &input, now) {
+        if let Ok(verified) =
+            keyring.verify_cleartext("fuzz", &input, now, std::time::Duration::ZERO)
+        {
             // Only changes the signature does not cover may pass (e.g. the
             // armor's CRC line); the text must be exactly what was signed.
             assert_eq!(verified.text, reference);
@@ -890,10 +892,19 @@ fn app_downgrade() {
     assert_eq!(node.installed("myapp").as_deref(), Some("1.0"));
 }
 
-#[test]
-fn clock_step_back() {
+/// `pulldeploy once` on `node` under libfaketime: `faketime` with `args`
+/// before the program (a start time, or `-f` and an offset such as `-3h`).
+fn once_faked(node: &Node, args: &[&str]) -> Output {
+    under_faketime(&node.command(&["once"]), args)
+        .output()
+        .expect("faketime (apt-get install faketime; scripts/deps.sh does)")
+}
+
+/// The fixture with a key made three days ago, as real signing keys are
+/// long before the Releases they sign: a node whose clock is hours off
+/// still finds the key valid, and only the Release is "new".
+fn backdated_fixture(extra_repository: &str) -> Fixture {
     let mut f = fixture();
-    // A key that already existed a day ago, so only the Release is "new".
     f.key = GpgKey::generate_backdated("Acme Repository <repo@acme.test>", 3);
     std::fs::copy(&f.key.public_key, f.node.dir.path().join("keyring.asc")).expect("keyring");
     let config = std::fs::read_to_string(&f.node.config).expect("config");
@@ -902,11 +913,14 @@ fn clock_step_back() {
         .find(|l| l.starts_with("keyring ="))
         .expect("keyring line")
         .to_string();
-    std::fs::write(
-        &f.node.config,
-        config.replace(&old, "keyring = \"keyring.asc\""),
-    )
-    .expect("config");
+    let new = format!("keyring = \"keyring.asc\"\n{extra_repository}");
+    std::fs::write(&f.node.config, config.replace(&old, &new)).expect("config");
+    f
+}
+
+#[test]
+fn clock_step_back() {
+    let f = backdated_fixture("");
     let before = f.accepted();
     // The node's clock steps back a day (libfaketime): the last accepted
     // Date is now in the future. The agent says so and keeps checking.
@@ -914,26 +928,67 @@ fn clock_step_back() {
     let yesterday = (accepted - Duration::days(1))
         .format("%Y-%m-%d %H:%M:%S")
         .to_string();
-    let mut command = f.node.command(&["once"]);
-    let program = command.get_program().to_owned();
-    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-    let envs: Vec<_> = command
-        .get_envs()
-        .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
-        .collect();
-    let out = Command::new("faketime")
-        .arg(&yesterday)
-        .arg(program)
-        .args(args)
-        .env_clear()
-        .envs(envs)
-        .output()
-        .expect("faketime (apt-get install faketime; scripts/deps.sh does)");
+    let out = once_faked(&f.node, &[&yesterday]);
     assert_rejected(&f.node, &out, 65, "fix the clock", &before, Some("1.0"));
     // Back on time, the same repository is accepted again.
     let out = f.node.once();
     assert_ok(&out);
-    let _ = &mut command;
+}
+
+/// A node whose clock is behind the publisher's (a new instance before
+/// its clock is synchronised) sees a freshly signed Release as signed "in
+/// the future". Within `clock_skew` it is accepted; beyond it the error
+/// says to check the time sync (not "bad signature"), nothing is
+/// installed and state does not move. A Release whose Valid-Until has
+/// passed stays refused whichever way the clock lies: expiry is judged at
+/// the latest time the node knows has come (here the signature's own).
+#[test]
+fn node_clock_behind() {
+    let mut f = backdated_fixture("");
+    f.repo.publish(&f.key, &ReleaseFields::default());
+    let out = once_faked(&f.node, &["-f", "-3h"]);
+    assert_rejected(
+        &f.node,
+        &out,
+        65,
+        "ahead of this node's clock",
+        &fresh(),
+        None,
+    );
+    let line = failure(&out).1;
+    assert!(
+        line.contains("InRelease signed at")
+            && line.contains("(clock_skew 5m): check time sync")
+            && !line.contains("bad signature"),
+        "{line}"
+    );
+    // 10 s and 2 min behind, default clock_skew (5m): accepted.
+    assert_ok(&once_faked(&f.node, &["-f", "-10s"]));
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.0"));
+    f.add("1.1");
+    f.repo.publish(&f.key, &ReleaseFields::default());
+    assert_ok(&once_faked(&f.node, &["-f", "-2m"]));
+    assert_eq!(f.node.installed("myapp").as_deref(), Some("1.1"));
+
+    // clock_skew = "4h": 3 h behind is accepted.
+    let mut wide = backdated_fixture("clock_skew = \"4h\"");
+    wide.repo.publish(&wide.key, &ReleaseFields::default());
+    assert_ok(&once_faked(&wide.node, &["-f", "-3h"]));
+    assert_eq!(wide.node.installed("myapp").as_deref(), Some("1.0"));
+
+    // Valid-Until an hour ago, signed just now: expired, whether the clock
+    // is 3 h behind (within that clock_skew) or 2 h ahead.
+    let before = wide.node.state();
+    wide.add("1.1");
+    let expired = ReleaseFields {
+        valid_until: Some(Utc::now() - Duration::hours(1)),
+        ..ReleaseFields::default()
+    };
+    wide.repo.publish(&wide.key, &expired);
+    for lie in ["-3h", "+2h"] {
+        let out = once_faked(&wide.node, &["-f", lie]);
+        assert_rejected(&wide.node, &out, 65, "expired", &before, Some("1.0"));
+    }
 }
 
 // ---- Integrity and size --------------------------------------------------

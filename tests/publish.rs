@@ -226,7 +226,12 @@ fn poll_view(repo: &Repo, keyring: &Keyring, suite: &str, package: &str) -> Resu
         .read(&format!("dists/{suite}/InRelease"))
         .ok_or("no InRelease")?;
     let verified = keyring
-        .verify_cleartext("InRelease", &inrelease, SystemTime::now())
+        .verify_cleartext(
+            "InRelease",
+            &inrelease,
+            SystemTime::now(),
+            std::time::Duration::ZERO,
+        )
         .map_err(|e| e.to_string())?;
     let release = release::parse(&verified.text)?;
     if !release.acquire_by_hash {
@@ -1169,7 +1174,12 @@ fn inrelease_date_and_last_modified(
     assert_eq!(response.status, 200, "{}", response.text());
     let verified = repo
         .keyring()
-        .verify_cleartext("InRelease", &response.body, SystemTime::now())
+        .verify_cleartext(
+            "InRelease",
+            &response.body,
+            SystemTime::now(),
+            std::time::Duration::ZERO,
+        )
         .expect("InRelease verifies");
     let date = release::parse(&verified.text).expect("Release parses").date;
     let header = response

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::app::App;
-use common::cmd::host_path;
+use common::cmd::{host_path, under_faketime};
 use common::fixture::{Pkg, Running, build, dpkg_log, healthz, pkg, wait_for};
 use common::gpg::GpgKey;
 use common::moto::{Moto, static_aws_env};
@@ -354,6 +354,67 @@ fn waves_install_in_order_and_a_fresh_node_follows_its_wave() {
             "{id}"
         );
     }
+}
+
+/// A node of a late wave whose clock runs 2 h ahead (libfaketime) does not
+/// install before its signed delay: wave times go by the repository's
+/// clock, which the node learns from the Date headers of moto's answers.
+/// The install's time is taken by its postinst from the real clock (out
+/// of libfaketime's reach), against the start the publisher stamped. The
+/// node shows the offset in `status` and on /metrics.
+#[test]
+fn node_clock_ahead() {
+    const DELAY: i64 = 40;
+    let rig = Rig::new();
+    let log = tempfile::NamedTempFile::new().expect("postinst log");
+    let log_path = log.path().to_string_lossy().into_owned();
+    rig.publish(&[pkg("myapp", "1.0")]);
+    let id = &ids_in("late", &[(0.6, 1.0)])[0];
+    let node = rig.node(id, true, "");
+    let mut daemon = Running::start(under_faketime(&node.command(&["run"]), &["-f", "+2h"]));
+    let port = daemon.health_port();
+    wait_installed(&node, "1.0");
+
+    rig.rollout(&["set", "--waves", &format!("50%@0s,100%@{DELAY}s")]);
+    let postinst = format!("env -u LD_PRELOAD -u FAKETIME date +%s.%N > {log_path}\n");
+    rig.publish(&[pkg("myapp", "1.1").postinst(&postinst)]);
+    let start = rig.started("1.1");
+    wait_installed(&node, "1.1");
+    let text = std::fs::read_to_string(log.path()).expect("postinst log");
+    let installed: f64 = text.trim().parse().expect("postinst time");
+    let earliest = (start + secs(DELAY)).timestamp_millis() as f64 / 1000.0;
+    assert!(
+        installed >= earliest,
+        "installed {:.1} s before its wave (start {start}, delay {DELAY} s)",
+        earliest - installed
+    );
+
+    let near_two_hours = |seconds: f64| (seconds - 7200.0).abs() < 60.0;
+    let page = common::http::http_request(port, "GET", "/metrics", &[], &[]).text();
+    let gauge = metric(&page, "pulldeploy_clock_offset_seconds");
+    assert!(gauge.is_some_and(near_two_hours), "{gauge:?}\n{page}");
+    let out = node
+        .command(&["status", "--json"])
+        .output()
+        .expect("status");
+    let status: serde_json::Value =
+        serde_json::from_str(&assert_ok(&out, "status --json")).expect("status JSON");
+    let offset = status["clock_offset"].as_f64();
+    assert!(offset.is_some_and(near_two_hours), "{status}");
+    let out = node.command(&["status"]).output().expect("status");
+    let text = assert_ok(&out, "status");
+    assert!(
+        text.contains("clock offset: this node +72") && text.contains("check time sync"),
+        "{text}"
+    );
+    // Said once in the log, not at every poll.
+    daemon.drain_lines();
+    let warnings = daemon
+        .log
+        .iter()
+        .filter(|l| l.contains("check time sync"))
+        .count();
+    assert_eq!(warnings, 1, "{:#?}", daemon.log);
 }
 
 #[test]

@@ -17,5 +17,5 @@ fuzz_target!(|data: &[u8]| {
     });
     let split = data.iter().position(|&b| b == 0).unwrap_or(data.len());
     let (release, signature) = (&data[..split], data.get(split + 1..).unwrap_or_default());
-    let _ = keyring.verify_detached("fuzz", release, signature, std::time::SystemTime::now());
+    let _ = keyring.verify_detached("fuzz", release, signature, std::time::SystemTime::now(), std::time::Duration::ZERO);
 });

@@ -146,7 +146,8 @@ impl Agent {
     ) -> Result<Option<SignedRelease>, Error> {
         let limit = self.config.repository.max_release_bytes;
         let accepted_file = state.release.as_ref().map(|r| r.file);
-        let now = SystemTime::from(self.clock.now());
+        let now = SystemTime::from(self.clock.node());
+        let skew = self.config.repository.clock_skew;
 
         let path = self.dists(ReleaseFile::InRelease.name());
         let url = self.source.url(&path);
@@ -158,7 +159,7 @@ impl Agent {
             Ok(Fetched::NotModified) => return Ok(None),
             Ok(Fetched::Object(object)) => {
                 let bytes = source::read_capped(&url, object.body, limit).await?;
-                let verified = self.keyring.verify_cleartext(&url, &bytes, now)?;
+                let verified = self.keyring.verify_cleartext(&url, &bytes, now, skew)?;
                 return Ok(Some(SignedRelease {
                     file: ReleaseFile::InRelease,
                     url,
@@ -207,7 +208,7 @@ impl Agent {
         };
         let verified = self
             .keyring
-            .verify_detached(&url, &release_bytes, &signature, now)?;
+            .verify_detached(&url, &release_bytes, &signature, now, skew)?;
         Ok(Some(SignedRelease {
             file: ReleaseFile::Release,
             url,
@@ -245,16 +246,37 @@ impl Agent {
         release
             .check_freshness(&rules)
             .map_err(|stale| stale_error(stale, url, release.date, &rules))?;
+        let rules = self.expiry(state, signed.verified.signed_at);
+        release::check_times(release.date, release.valid_until, &rules)
+            .map_err(|stale| stale_error(stale, url, release.date, &rules))?;
         info!(file = %signed.file, signer = %signed.verified.signer, date = %release.date, "Release verified");
         Ok(release)
     }
 
+    /// The freshness rules at the node's own clock: a Release Date ahead
+    /// of it by more than `clock_skew`, or a clock behind the accepted
+    /// Date, is the node's to report.
     pub(super) fn freshness(&self, state: &State) -> Freshness {
         Freshness {
-            now: self.clock.now(),
+            now: self.clock.node(),
             accepted: state.release.as_ref().map(|r| r.date),
             max_age: self.config.repository.max_age,
             clock_skew: self.config.repository.clock_skew,
+        }
+    }
+
+    /// The same rules at the latest time the node knows has come: the
+    /// later of its own clock, the repository's clock and the good
+    /// signature's creation time (the signature was made, so that time has
+    /// passed). Expiry (Valid-Until, max_age) is judged there, so that a
+    /// clock running behind, which `clock_skew` lets a signature from the
+    /// future past, never makes an expired Release current (fail closed).
+    pub(super) fn expiry(&self, state: &State, signed_at: Option<DateTime<Utc>>) -> Freshness {
+        let now = self.clock.later();
+        Freshness {
+            now: signed_at.map_or(now, |signed| now.max(signed)),
+            accepted: None,
+            ..self.freshness(state)
         }
     }
 

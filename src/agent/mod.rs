@@ -19,7 +19,7 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use tracing::{debug, info, warn};
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{AgentClock, Clock, SystemClock};
 use crate::config::{Config, PackageSpec};
 use crate::error::{Error, InstallError, StateError, VerifyError};
 use crate::fleet::Fleet;
@@ -59,7 +59,12 @@ pub struct Agent {
     source: Box<dyn Source>,
     keyring: Keyring,
     installer: Box<dyn Installer>,
-    clock: Box<dyn Clock>,
+    /// The node's clock corrected to the repository's (see
+    /// [`AgentClock`]): rollout times, leases and records go by it.
+    clock: Arc<AgentClock>,
+    /// The offset last reported (whole seconds), so that a wrong clock is
+    /// logged once per change, not at every poll.
+    offset_logged: Mutex<Option<i64>>,
     health: Arc<Health>,
     architecture: String,
     /// dpkg's status file when the installed versions last matched state;
@@ -228,12 +233,14 @@ impl Agent {
         clock: Box<dyn Clock>,
         health: Arc<Health>,
     ) -> Agent {
+        let clock = Arc::new(AgentClock::new(clock, source.server_time()));
         Agent {
             config,
             source,
             keyring,
             installer,
             clock,
+            offset_logged: Mutex::new(None),
             health,
             architecture,
             agreed_status: Mutex::new(None),
@@ -252,11 +259,13 @@ impl Agent {
     }
 
     /// The same agent coordinating through `fleet` (leases, halt markers,
-    /// reports); its node id is the fleet's.
+    /// reports); its node id is the fleet's. The fleet judges lease times
+    /// by the agent's corrected clock.
     pub fn with_fleet(mut self, fleet: Fleet) -> Agent {
         self.node_id = tokio::sync::OnceCell::new_with(Some(fleet.node_id().to_string()));
         self.notifier.set_node_id(fleet.node_id());
-        self.fleet = Some(Arc::new(fleet));
+        let clock: Arc<dyn Clock> = self.clock.clone();
+        self.fleet = Some(Arc::new(fleet.with_clock(clock)));
         self
     }
 
@@ -281,7 +290,7 @@ impl Agent {
     /// When the first pinned signing key expires, if one does.
     pub fn signing_key_expiry(&self) -> Option<DateTime<Utc>> {
         self.keyring
-            .signing_key_expiry(self.clock.now().into())
+            .signing_key_expiry(self.clock.node().into())
             .map(DateTime::<Utc>::from)
     }
 
@@ -436,6 +445,7 @@ impl Agent {
         result: &Result<Outcome, Error>,
     ) -> Result<(), Error> {
         let now = self.clock.now();
+        state.clock_offset = self.observe_clock_offset();
         match result {
             Ok(outcome) => {
                 let quiet = matches!(outcome, Outcome::Unchanged)
@@ -460,6 +470,39 @@ impl Agent {
         }
         state.save(&self.config.state_path())?;
         Ok(())
+    }
+
+    /// How far the node's clock is ahead of the repository's, in whole
+    /// seconds, set into `/metrics`; a warning when it exceeds
+    /// `clock_skew`, logged again only when it moves by more than a
+    /// minute (not at every poll), and a note when it is back within.
+    fn observe_clock_offset(&self) -> Option<i64> {
+        let offset = self.clock.offset().map(|o| o.num_seconds());
+        self.health
+            .rollout_gauges()
+            .set_clock_offset(offset.map(|s| s as f64));
+        let skew = i64::try_from(self.config.repository.clock_skew.as_secs()).unwrap_or(i64::MAX);
+        let mut logged = self.offset_logged.lock().unwrap_or_else(|e| e.into_inner());
+        match offset {
+            Some(seconds) if seconds.unsigned_abs() > skew.unsigned_abs() => {
+                if logged.is_none_or(|last| last.abs_diff(seconds) > 60) {
+                    warn!(
+                        offset_seconds = seconds,
+                        clock_skew = ?self.config.repository.clock_skew,
+                        "this node's clock is {} the repository's by {}: check time sync; rollout times go by the repository's clock",
+                        if seconds > 0 { "ahead of" } else { "behind" },
+                        humantime::format_duration(std::time::Duration::from_secs(seconds.unsigned_abs())),
+                    );
+                    *logged = Some(seconds);
+                }
+            }
+            _ => {
+                if logged.take().is_some() {
+                    info!(offset_seconds = ?offset, "this node's clock agrees with the repository's again");
+                }
+            }
+        }
+        offset
     }
 
     /// Reads and verifies the repository; leaves verified .debs in the
@@ -491,9 +534,11 @@ impl Agent {
             // frozen repository, or a clock gone backwards, is reported even
             // when nothing changed.
             if let Some(accepted) = &state.release {
-                let rules = self.freshness(state);
-                release::check_times(accepted.date, accepted.valid_until, &rules)
-                    .map_err(|stale| stale_error(stale, &accepted.url, accepted.date, &rules))?;
+                for rules in [self.freshness(state), self.expiry(state, None)] {
+                    release::check_times(accepted.date, accepted.valid_until, &rules).map_err(
+                        |stale| stale_error(stale, &accepted.url, accepted.date, &rules),
+                    )?;
+                }
             }
             return Ok(None);
         };

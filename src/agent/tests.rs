@@ -1,10 +1,11 @@
 //! The install transaction and the cycle's bookkeeping, with fakes for the
-//! source (never reached), the installer and the clock: commit, every
-//! rollback path, the journal written before the installer runs, a
-//! deferred lock, and an interrupted install resumed by the next cycle.
-//! Then the fleet steps around dpkg, on a directory store: the halt check
-//! under the lease, the lease renewed while dpkg runs and held through the
-//! health gate, and the halt marker written before the lease goes back.
+//! source (never reached, or only ever answering 304), the installer and
+//! the clock: commit, every rollback path, the journal written before the
+//! installer runs, a deferred lock, an interrupted install resumed by the
+//! next cycle, and expiry judged by the repository's clock. Then the fleet
+//! steps around dpkg, on a directory store: the halt check under the
+//! lease, the lease renewed while dpkg runs and held through the health
+//! gate, and the halt marker written before the lease goes back.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -18,9 +19,9 @@ use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
 use super::{Agent, CACHE_SUBDIR, Change, Outcome, Plan, PlannedInstall};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, ServerTime, SystemClock};
 use crate::config::Config;
-use crate::error::{Error, InstallError, PublishError, SourceError};
+use crate::error::{Error, InstallError, PublishError, SourceError, VerifyError};
 use crate::fleet::Fleet;
 use crate::health::Health;
 use crate::install::{DpkgStatus, InstallLock, Installer};
@@ -146,6 +147,28 @@ impl Source for NoSource {
     }
 }
 
+/// A repository that has not changed: every request is answered 304, by a
+/// server whose clock (its Date header) is `server`, when it has one.
+struct UnchangedSource(Option<Arc<ServerTime>>);
+
+impl Source for UnchangedSource {
+    fn url(&self, path: &str) -> String {
+        format!("fake://{path}")
+    }
+
+    fn get<'a>(
+        &'a self,
+        _path: &'a str,
+        _if_none_match: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Fetched, SourceError>> {
+        Box::pin(async { Ok(Fetched::NotModified) })
+    }
+
+    fn server_time(&self) -> Option<Arc<ServerTime>> {
+        self.0.clone()
+    }
+}
+
 struct FixedClock(DateTime<Utc>);
 
 impl Clock for FixedClock {
@@ -158,10 +181,23 @@ fn noon() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 30, 12, 0, 0).unwrap()
 }
 
+/// The node's own clock: fixed at first; [`Node::in_fleet`] switches it
+/// to the clock a fleet test moves, so that the agent (and the fleet it
+/// hands its clock to) go by that one.
+#[derive(Clone)]
+struct NodeClock(Arc<Mutex<Arc<dyn Clock>>>);
+
+impl Clock for NodeClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.0.lock().expect("node clock").now()
+    }
+}
+
 struct Node {
     dir: TempDir,
     agent: Agent,
     installer: FakeInstaller,
+    clock: NodeClock,
 }
 
 /// A node whose installer has `installed`, fails `failing` versions, and
@@ -186,6 +222,28 @@ fn node_configured(
         installed,
         failing,
         locked_elsewhere,
+        noon(),
+    )
+}
+
+/// [`node`] reading `source`, its own clock at `clock`.
+fn node_with(
+    installed: &[(&str, &str)],
+    failing: &[&str],
+    locked_elsewhere: bool,
+    source: Box<dyn Source>,
+    clock: DateTime<Utc>,
+) -> Node {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(&dir, "").expect("config");
+    node_from(
+        dir,
+        config,
+        source,
+        installed,
+        failing,
+        locked_elsewhere,
+        clock,
     )
 }
 
@@ -229,6 +287,7 @@ fn node_from(
     installed: &[(&str, &str)],
     failing: &[&str],
     locked_elsewhere: bool,
+    clock: DateTime<Utc>,
 ) -> Node {
     let keyring_path = dir.path().join("keyring.asc");
     std::fs::create_dir_all(dir.path().join("state")).expect("state dir");
@@ -247,19 +306,21 @@ fn node_from(
         during: Arc::default(),
     };
     let health = Health::for_config(&config);
+    let node_clock = NodeClock(Arc::new(Mutex::new(Arc::new(FixedClock(clock)))));
     let agent = Agent::from_parts(
         config,
         "amd64".into(),
         source,
         Box::new(installer.clone()),
         Keyring::load(&keyring_path).expect("keyring"),
-        Box::new(FixedClock(noon())),
+        Box::new(node_clock.clone()),
         health,
     );
     Node {
         dir,
         agent,
         installer,
+        clock: node_clock,
     }
 }
 
@@ -699,7 +760,10 @@ fn lease_holder(path: &std::path::Path) -> Option<crate::publish::lock::Holder> 
 impl Node {
     /// The node as `id` in the fleet at `store`, judging leases by `clock`.
     fn in_fleet(self, store: Box<dyn Store>, id: &str, clock: Arc<dyn Clock>) -> Node {
-        let fleet = Fleet::with_store(store, "production", id).with_clock(clock);
+        // The agent hands its own (repository-corrected) clock to the
+        // fleet; with no repository clock here, that is the node's.
+        *self.clock.0.lock().expect("node clock") = clock;
+        let fleet = Fleet::with_store(store, "production", id);
         Node {
             agent: self.agent.with_fleet(fleet),
             ..self
@@ -1102,6 +1166,7 @@ fn no_config_duration_panics_a_cycle() {
             &[("myapp", "1.0")],
             &[],
             false,
+            noon(),
         );
         let mut state = n.committed("1.0", true);
         state.release = Some(accepted());
@@ -1117,4 +1182,88 @@ fn no_config_duration_panics_a_cycle() {
     }
     // Both ways were taken: the seed gives in-range and huge values.
     assert!(refused > 20 && ran > 20, "refused {refused}, ran {ran}");
+}
+
+/// A node whose clock is 3 h behind runs on a Release whose Valid-Until
+/// passed an hour ago by the repository's clock, from a mirror frozen
+/// since (every poll a 304). By its own clock the Release is still valid;
+/// expiry is judged at the later of its clock and the server's (the Date
+/// headers), so the freeze is reported. A source without a server clock (a
+/// directory) has only the node's clock to go by.
+#[test]
+fn a_node_clock_behind_does_not_keep_an_expired_release_current() {
+    for server_clock in [true, false] {
+        let server = server_clock.then(|| {
+            let time = Arc::new(ServerTime::default());
+            time.observe(noon());
+            time
+        });
+        let behind = noon() - chrono::TimeDelta::hours(3);
+        let n = node_with(
+            &[("myapp", "1.0")],
+            &[],
+            false,
+            Box::new(UnchangedSource(server)),
+            behind,
+        );
+        let mut state = n.committed("1.0", true);
+        state.release = Some(AcceptedRelease {
+            date: noon() - chrono::TimeDelta::days(2),
+            valid_until: Some(noon() - chrono::TimeDelta::hours(1)),
+            ..accepted()
+        });
+        state.save(&n.state_path()).expect("save state");
+        let before = state.clone();
+        let result = runtime()
+            .block_on(n.agent.cycle(&mut state, std::future::pending()))
+            .expect("not cancelled");
+        if server_clock {
+            let error = result.expect_err("expired by the server's clock");
+            assert!(
+                matches!(error, Error::Verify(VerifyError::Expired { .. })),
+                "{error}"
+            );
+            // The offset is what the node records and shows.
+            assert_eq!(state.clock_offset.map(|s| s / 60), Some(-180));
+        } else {
+            assert_eq!(result.expect("no server clock"), Outcome::Unchanged);
+            assert_eq!(state.clock_offset, None);
+        }
+        assert_eq!(state.release, before.release);
+        assert_eq!(state.installed, before.installed);
+        assert!(n.installer.runs.lock().expect("runs").is_empty());
+    }
+}
+
+/// The fleet (lease expiry, halt times) goes by the agent's corrected
+/// clock: a node whose clock runs 2 h ahead judges leases by the
+/// repository's time, so it does not break another node's live lease as
+/// expired.
+#[test]
+fn the_fleet_judges_lease_times_by_the_repository_clock() {
+    let server = Arc::new(ServerTime::default());
+    server.observe(noon());
+    let ahead = noon() + chrono::TimeDelta::hours(2);
+    let n = node_with(
+        &[],
+        &[],
+        false,
+        Box::new(UnchangedSource(Some(server))),
+        ahead,
+    );
+    let store = crate::publish::store::DirStore::new(n.dir.path().join("fleet"));
+    let agent = n.agent.with_fleet(crate::fleet::Fleet::with_store(
+        Box::new(store),
+        "production",
+        "n-1",
+    ));
+    let fleet_now = agent.fleet.as_ref().expect("fleet").now();
+    let off = fleet_now.signed_duration_since(noon());
+    assert!(
+        off >= chrono::TimeDelta::zero() && off < chrono::TimeDelta::seconds(60),
+        "the fleet's now is {fleet_now}, the repository's {}",
+        noon()
+    );
+    let offset = agent.clock.offset().expect("offset").num_seconds();
+    assert!((7140..=7200).contains(&offset), "{offset}");
 }

@@ -106,6 +106,7 @@ pub struct RolloutGauges {
     wave: Gauge,
     waiting_for_wave: Gauge,
     waiting_for_lease: Gauge,
+    clock_offset: OptionalGauge<f64>,
 }
 
 impl RolloutGauges {
@@ -130,6 +131,17 @@ impl RolloutGauges {
             "Whether an install waits for a free in-flight lease (1) or not (0)",
             self.waiting_for_lease.clone(),
         );
+        registry.register_with_unit(
+            "clock_offset",
+            "How far this node's clock is ahead of the repository server's (its Date headers); negative: behind (absent for a file:// repository)",
+            Unit::Seconds,
+            self.clock_offset.clone(),
+        );
+    }
+
+    /// How far the node's clock is ahead of the repository's, once known.
+    pub fn set_clock_offset(&self, seconds: Option<f64>) {
+        self.clock_offset.set(seconds);
     }
 
     pub fn set_wave(&self, position: f64, wave: usize) {

@@ -9,7 +9,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use openpgp::cert::{Cert, CertParser};
 use openpgp::parse::Parse;
@@ -36,6 +36,8 @@ pub struct Verified {
     pub text: String,
     /// Fingerprint of the key that made the good signature.
     pub signer: String,
+    /// When the good signature says it was made.
+    pub signed_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Keyring {
@@ -130,6 +132,7 @@ impl Keyring {
         url: &str,
         input: &[u8],
         now: SystemTime,
+        clock_skew: Duration,
     ) -> Result<Verified, VerifyError> {
         let framed = csf::split(input).map_err(|reason| {
             let marker: &[u8] = b"-----BEGIN PGP SIGNED MESSAGE-----";
@@ -150,32 +153,19 @@ impl Keyring {
                 reason,
             }
         })?;
-        let policy = StandardPolicy::new();
-        let mut helper = Helper::new(&self.certs);
-        let signature_error = |helper: &Helper, e: openpgp::anyhow::Error| VerifyError::Signature {
-            url: url.to_string(),
-            keyring: self.path.clone(),
-            details: helper.describe(e),
-        };
-        let mut verifier = match VerifierBuilder::from_bytes(input)
-            .and_then(|b| b.with_policy(&policy, Some(now), &mut helper))
-        {
-            Ok(v) => v,
-            Err(e) => return Err(signature_error(&helper, e)),
-        };
-        let mut output = Vec::new();
-        let read = verifier.read_to_end(&mut output);
-        let processed = verifier.message_processed();
-        drop(verifier);
-        if let Err(e) = read {
-            return Err(signature_error(&helper, e.into()));
-        }
-        if !processed || helper.good.is_none() {
-            return Err(signature_error(
-                &helper,
-                openpgp::anyhow::anyhow!("message not fully verified"),
-            ));
-        }
+        let (output, good) = self.verify_at(url, now, clock_skew, |policy, time, helper| {
+            let mut verifier =
+                VerifierBuilder::from_bytes(input)?.with_policy(policy, Some(time), helper)?;
+            let mut output = Vec::new();
+            let read = verifier.read_to_end(&mut output);
+            let processed = verifier.message_processed();
+            drop(verifier);
+            read?;
+            if !processed {
+                return Err(openpgp::anyhow::anyhow!("message not fully verified"));
+            }
+            Ok(output)
+        })?;
         let text = String::from_utf8(output).map_err(|_| VerifyError::SignedTextMismatch {
             url: url.to_string(),
             reason: "signed text is not UTF-8".into(),
@@ -190,10 +180,7 @@ impl Keyring {
                 ),
             });
         }
-        Ok(Verified {
-            text,
-            signer: helper.good.unwrap_or_default(),
-        })
+        Ok(good.verified(text))
     }
 
     /// Verifies `Release` against a detached `Release.gpg`. The signature
@@ -205,35 +192,86 @@ impl Keyring {
         data: &[u8],
         signature: &[u8],
         now: SystemTime,
+        clock_skew: Duration,
     ) -> Result<Verified, VerifyError> {
         detached_framing(signature).map_err(|reason| VerifyError::DetachedSignature {
             url: format!("{url}.gpg"),
             reason,
         })?;
-        let policy = StandardPolicy::new();
-        let mut helper = Helper::new(&self.certs);
-        let result = DetachedVerifierBuilder::from_bytes(signature)
-            .and_then(|b| b.with_policy(&policy, Some(now), &mut helper))
-            .and_then(|mut v| v.verify_bytes(data));
-        if let Err(e) = result {
-            return Err(VerifyError::Signature {
-                url: url.to_string(),
-                keyring: self.path.clone(),
-                details: helper.describe(e),
-            });
-        }
-        let Some(signer) = helper.good.take() else {
-            return Err(VerifyError::Signature {
-                url: url.to_string(),
-                keyring: self.path.clone(),
-                details: helper.describe(openpgp::anyhow::anyhow!("no good signature")),
-            });
-        };
+        let ((), good) = self.verify_at(url, now, clock_skew, |policy, time, helper| {
+            DetachedVerifierBuilder::from_bytes(signature)?
+                .with_policy(policy, Some(time), helper)?
+                .verify_bytes(data)
+        })?;
         let text = String::from_utf8(data.to_vec()).map_err(|_| VerifyError::ReleaseParse {
             url: url.to_string(),
             reason: "not UTF-8".into(),
         })?;
-        Ok(Verified { text, signer })
+        Ok(good.verified(text))
+    }
+}
+
+impl Keyring {
+    /// Runs a Sequoia verification (`run`, at a time) and returns its output
+    /// and the fingerprint of the good signature's certificate.
+    ///
+    /// Sequoia judges a signature's creation time against the time it is
+    /// given with no tolerance, and a node's clock may be behind the
+    /// publisher's (a new instance boots before its clock is synchronised).
+    /// So when the only fault of a pinned key's signature is that it was
+    /// made after `now`, and at most `clock_skew` after, the verification
+    /// runs again at `now + clock_skew`. That moves nothing else that
+    /// matters: Sequoia judges the key's binding, expiry and revocation at
+    /// the signature's creation time either way, and a signature's own
+    /// expiry judged at the later time only refuses more. A signature made
+    /// further ahead is [`VerifyError::SignedAhead`], which says to check
+    /// the time sync, not "bad signature". The Release's own times (Date,
+    /// Valid-Until) are judged afterwards by the freshness rules.
+    fn verify_at<T>(
+        &self,
+        url: &str,
+        now: SystemTime,
+        clock_skew: Duration,
+        mut run: impl FnMut(&StandardPolicy<'static>, SystemTime, &mut Helper<'_>) -> openpgp::Result<T>,
+    ) -> Result<(T, Good), VerifyError> {
+        let policy = StandardPolicy::new();
+        let failed = |helper: &Helper, error: openpgp::anyhow::Error| VerifyError::Signature {
+            url: url.to_string(),
+            keyring: self.path.clone(),
+            details: helper.describe(error),
+        };
+        let mut helper = Helper::new(&self.certs);
+        let first = run(&policy, now, &mut helper);
+        let error = match (first, helper.good.take()) {
+            (Ok(output), Some(good)) => return Ok((output, good)),
+            (Ok(_), None) => openpgp::anyhow::anyhow!("no good signature"),
+            (Err(e), _) => e,
+        };
+        let Some(signed_at) = helper.ahead.iter().min().copied() else {
+            return Err(failed(&helper, error));
+        };
+        let latest = now.checked_add(clock_skew).unwrap_or(now);
+        if signed_at > latest {
+            let ahead = signed_at.duration_since(now).unwrap_or_default();
+            return Err(VerifyError::SignedAhead {
+                url: url.to_string(),
+                signed_at: chrono::DateTime::<chrono::Utc>::from(signed_at).to_rfc2822(),
+                // Signature times are whole seconds: round to the nearest.
+                ahead: Duration::from_secs(
+                    ahead.saturating_add(Duration::from_millis(500)).as_secs(),
+                ),
+                clock_skew,
+            });
+        }
+        let mut again = Helper::new(&self.certs);
+        match (run(&policy, latest, &mut again), again.good.take()) {
+            (Ok(output), Some(good)) => Ok((output, good)),
+            (Ok(_), None) => Err(failed(
+                &again,
+                openpgp::anyhow::anyhow!("no good signature"),
+            )),
+            (Err(e), _) => Err(failed(&again, e)),
+        }
     }
 }
 
@@ -323,11 +361,30 @@ fn cert_problem(cert: &Cert) -> String {
     }
 }
 
+/// The first good signature by a pinned key.
+struct Good {
+    signer: String,
+    signed_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Good {
+    fn verified(self, text: String) -> Verified {
+        Verified {
+            text,
+            signer: self.signer,
+            signed_at: self.signed_at,
+        }
+    }
+}
+
 /// Collects what Sequoia saw so that the error names the keys involved.
 struct Helper<'a> {
     certs: &'a [Cert],
-    good: Option<String>,
+    good: Option<Good>,
     problems: Vec<String>,
+    /// Creation times of pinned keys' signatures refused only because they
+    /// were made after the time of the verification.
+    ahead: Vec<SystemTime>,
 }
 
 impl<'a> Helper<'a> {
@@ -336,6 +393,7 @@ impl<'a> Helper<'a> {
             certs,
             good: None,
             problems: Vec::new(),
+            ahead: Vec::new(),
         }
     }
 
@@ -370,10 +428,21 @@ impl VerificationHelper for &mut Helper<'_> {
                         match result {
                             Ok(good) => {
                                 if self.good.is_none() {
-                                    self.good = Some(good.ka.cert().fingerprint().to_hex());
+                                    self.good = Some(Good {
+                                        signer: good.ka.cert().fingerprint().to_hex(),
+                                        signed_at: good
+                                            .sig
+                                            .signature_creation_time()
+                                            .map(chrono::DateTime::<chrono::Utc>::from),
+                                    });
                                 }
                             }
-                            Err(error) => self.problems.push(describe_failure(&error)),
+                            Err(error) => {
+                                if let Some(at) = made_after_now(&error) {
+                                    self.ahead.push(at);
+                                }
+                                self.problems.push(describe_failure(&error));
+                            }
                         }
                     }
                 }
@@ -398,6 +467,23 @@ impl VerificationHelper for &mut Helper<'_> {
                 "no good signature by a pinned key"
             ))
         }
+    }
+}
+
+/// The creation time of a signature whose only fault is that it was made
+/// after the time of the verification (Sequoia's `NotYetLive`). Sequoia
+/// checks the key (binding, expiry, revocation, signing capability) before
+/// it looks at the signature's time, so such a signature is by a pinned key
+/// that may sign.
+fn made_after_now(error: &VerificationError) -> Option<SystemTime> {
+    match error {
+        VerificationError::BadSignature { sig, error, .. } => {
+            match error.downcast_ref::<openpgp::Error>() {
+                Some(openpgp::Error::NotYetLive(_)) => sig.signature_creation_time(),
+                _ => None,
+            }
+        }
+        _ => None,
     }
 }
 

@@ -147,7 +147,7 @@ fn a_detached_signature_verifies_armored_or_binary() {
     armor_then_breaks.extend_from_slice(b"\r\n\n");
     for signature in [&binary, &armor, &armor_then_breaks] {
         let verified = keyring
-            .verify_detached("file:///r/Release", data, signature, now)
+            .verify_detached("file:///r/Release", data, signature, now, Duration::ZERO)
             .expect("a good detached signature");
         assert_eq!(verified.text, "Suite: production\n");
         assert_eq!(verified.signer, cert.fingerprint().to_hex());
@@ -210,10 +210,12 @@ fn verification_failures_name_what_was_wrong() {
     let keyring = keyring_of(&cert);
     let data = b"Suite: production\n";
     let now = SystemTime::now();
-    let details = |signature: &[u8]| match keyring.verify_detached("u", data, signature, now) {
-        Err(VerifyError::Signature { details, .. }) => details,
-        other => panic!("expected a signature error, got {other:?}"),
-    };
+    let details =
+        |signature: &[u8]| match keyring.verify_detached("u", data, signature, now, Duration::ZERO)
+        {
+            Err(VerifyError::Signature { details, .. }) => details,
+            other => panic!("expected a signature error, got {other:?}"),
+        };
     assert_eq!(
         details(&unknown_version_signature(&cert, data)),
         "unparsable signature"
@@ -307,4 +309,91 @@ fn the_public_key_alone_loads() {
         keyring.signing_fingerprints(SystemTime::now()),
         [cert.fingerprint().to_hex()]
     );
+}
+
+/// A node whose clock is behind the publisher's sees a fresh signature
+/// made "in the future". Within `clock_skew` it is good; beyond it the
+/// error names the clock, not a bad signature.
+#[test]
+fn a_signature_from_a_publisher_ahead_is_judged_with_clock_skew() {
+    let cert = signing_cert();
+    let data = b"Suite: production\n";
+    let keyring = keyring_of(&cert);
+    // Signature times are whole seconds; so is this clock.
+    let since_epoch = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("clock after 1970");
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs());
+    let signed_at = |ahead: u64| {
+        let builder = SignatureBuilder::new(SignatureType::Binary)
+            .set_signature_creation_time(now + Duration::from_secs(ahead))
+            .expect("creation time");
+        binary_signature(builder, &cert, data)
+    };
+    let skew = Duration::from_secs(300);
+    for ahead in [10, 120] {
+        let verified = keyring
+            .verify_detached("s3://r/Release", data, &signed_at(ahead), now, skew)
+            .unwrap_or_else(|e| panic!("{ahead} s ahead, clock_skew 5m: {e}"));
+        assert_eq!(verified.signer, cert.fingerprint().to_hex());
+    }
+    let three_hours = signed_at(3 * 3600);
+    let error = keyring
+        .verify_detached("s3://r/Release", data, &three_hours, now, skew)
+        .expect_err("3 h ahead with clock_skew 5m");
+    assert!(
+        matches!(error, VerifyError::SignedAhead { .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("s3://r/Release signed at")
+            && message.contains("3h ahead of this node's clock")
+            && message.contains("(clock_skew 5m): check time sync"),
+        "{message}"
+    );
+    assert_eq!(
+        crate::error::Error::from(error).exit_code(),
+        crate::error::exit::DATAERR
+    );
+    keyring
+        .verify_detached(
+            "s3://r/Release",
+            data,
+            &three_hours,
+            now,
+            4 * 3600 * skew / 300,
+        )
+        .expect("3 h ahead with clock_skew 4h");
+    // No skew: the signature from 10 s ahead is named as such too.
+    let error = keyring
+        .verify_detached("s3://r/Release", data, &signed_at(10), now, Duration::ZERO)
+        .expect_err("10 s ahead with no skew");
+    assert!(error.to_string().contains("10s ahead"), "{error}");
+}
+
+/// Tolerance for the signature's creation time does not stretch its
+/// expiry: a signature that expired before the node's time stays refused.
+#[test]
+fn clock_skew_does_not_revive_an_expired_signature() {
+    let cert = signing_cert();
+    let data = b"Suite: production\n";
+    let keyring = keyring_of(&cert);
+    let now = SystemTime::now();
+    let builder = SignatureBuilder::new(SignatureType::Binary)
+        .set_signature_creation_time(now - Duration::from_secs(7200))
+        .expect("creation time")
+        .set_signature_validity_period(Duration::from_secs(3600))
+        .expect("validity");
+    let signature = binary_signature(builder, &cert, data);
+    let error = keyring
+        .verify_detached(
+            "s3://r/Release",
+            data,
+            &signature,
+            now,
+            Duration::from_secs(4 * 3600),
+        )
+        .expect_err("an expired signature");
+    assert!(matches!(error, VerifyError::Signature { .. }), "{error:?}");
 }

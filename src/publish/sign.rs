@@ -195,6 +195,7 @@ mod tests {
     use super::*;
     use openpgp::cert::CertBuilder;
     use openpgp::serialize::Serialize;
+    use std::time::Duration;
 
     fn key_file(cert: &Cert, secret: bool) -> tempfile::NamedTempFile {
         let mut file = tempfile::NamedTempFile::new().unwrap();
@@ -226,13 +227,19 @@ mod tests {
         let text = "Suite: production\nDate: x\n- dashed\n";
         let inrelease = key.clearsign(text).unwrap();
         let verified = keyring
-            .verify_cleartext("InRelease", &inrelease, SystemTime::now())
+            .verify_cleartext("InRelease", &inrelease, SystemTime::now(), Duration::ZERO)
             .unwrap();
         assert_eq!(verified.text, text.trim_end());
         assert_eq!(verified.signer, key.fingerprint());
         let detached = key.detach_sign(text.as_bytes()).unwrap();
         let verified = keyring
-            .verify_detached("Release", text.as_bytes(), &detached, SystemTime::now())
+            .verify_detached(
+                "Release",
+                text.as_bytes(),
+                &detached,
+                SystemTime::now(),
+                Duration::ZERO,
+            )
             .unwrap();
         assert_eq!(verified.text, text);
     }

@@ -57,7 +57,12 @@ impl Publisher {
         };
         let verified = self
             .keyring
-            .verify_cleartext(&url, &stored.bytes, SystemTime::now())
+            .verify_cleartext(
+                &url,
+                &stored.bytes,
+                SystemTime::now(),
+                super::verify::CLOCK_SKEW,
+            )
             .map_err(|e| refuse(format!("not verified with the signing key: {e}")))?;
         let parsed = crate::repo::release::parse(&verified.text).map_err(refuse)?;
         let release = index::parse_stanzas(&verified.text)

@@ -13,7 +13,7 @@
 //! hash to what the index says.
 
 use std::collections::BTreeSet;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha512};
 
@@ -82,6 +82,13 @@ fn inflate(url: &str, path: &str, bytes: &[u8], limit: u64) -> Result<Vec<u8>, S
     })
 }
 
+/// How far in the future a signature the publisher reads back may be made:
+/// the agent's default `clock_skew`, so that a suite another publisher
+/// (a CI host whose clock runs ahead) signed is read as a node with the
+/// default setting reads it, and the publisher's verify before flip
+/// accepts no more and no less than such a node.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
 /// Reads the suite back through `source` and checks it against what was
 /// meant. `Err` says what failed, naming the URL.
 pub async fn before_flip(
@@ -99,7 +106,7 @@ pub async fn before_flip(
     let release_bytes = fetch(source, &release_path).await?;
     let signature = fetch(source, &dists("Release.gpg")).await?;
     let verified = keyring
-        .verify_detached(&release_url, &release_bytes, &signature, now)
+        .verify_detached(&release_url, &release_bytes, &signature, now, CLOCK_SKEW)
         .map_err(|e| e.to_string())?;
     if verified.text != published.release_text {
         return Err(format!(
@@ -111,7 +118,7 @@ pub async fn before_flip(
     // 2. The InRelease about to be written.
     let inrelease_url = source.url(&dists("InRelease"));
     let clear = keyring
-        .verify_cleartext(&inrelease_url, published.inrelease, now)
+        .verify_cleartext(&inrelease_url, published.inrelease, now, CLOCK_SKEW)
         .map_err(|e| e.to_string())?;
     if clear.text != published.release_text.trim_end_matches('\n') {
         return Err(format!(
@@ -238,7 +245,7 @@ pub async fn after_flip(
     let path = format!("dists/{suite}/InRelease");
     let bytes = fetch(source, &path).await?;
     keyring
-        .verify_cleartext(&source.url(&path), &bytes, SystemTime::now())
+        .verify_cleartext(&source.url(&path), &bytes, SystemTime::now(), CLOCK_SKEW)
         .map_err(|e| e.to_string())?;
     Ok(bytes == inrelease)
 }

@@ -51,6 +51,12 @@ pub trait Source: Send + Sync {
         path: &'a str,
         if_none_match: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Fetched, SourceError>>;
+
+    /// The server's clock as its responses show it, when the source has a
+    /// server (S3: the `Date` header); `None` for a directory.
+    fn server_time(&self) -> Option<std::sync::Arc<crate::clock::ServerTime>> {
+        None
+    }
 }
 
 /// Builds the source named by `repository.url`.

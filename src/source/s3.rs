@@ -6,6 +6,7 @@
 
 use std::error::Error as StdError;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use aws_config::BehaviorVersion;
@@ -13,9 +14,10 @@ use aws_config::provider_config::ProviderConfig;
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use tokio::io::{AsyncBufRead, AsyncRead, ReadBuf};
 
-use super::s3client::{Purpose, S3_ATTEMPTS, s3_client};
+use super::s3client::{Purpose, S3_ATTEMPTS, ServerDate, s3_client};
 use super::s3creds::CredentialCache;
 use super::{BoxFuture, Fetched, Object, Source};
+use crate::clock::ServerTime;
 use crate::error::SourceError;
 
 pub struct S3Source {
@@ -24,6 +26,8 @@ pub struct S3Source {
     /// Everything a client needs except credentials.
     base: aws_sdk_s3::Config,
     credentials: tokio::sync::Mutex<CredentialCache>,
+    /// The server's clock, from its responses' `Date` headers.
+    server_time: Arc<ServerTime>,
 }
 
 impl S3Source {
@@ -36,11 +40,14 @@ impl S3Source {
         endpoint: Option<&str>,
         region: Option<&str>,
     ) -> Result<S3Source, SourceError> {
+        let server_time = Arc::new(ServerTime::default());
         let base = s3_client(endpoint, region, Purpose::Agent)
             .await
             .map_err(|_| SourceError::NoRegion)?
             .config()
-            .clone();
+            .to_builder()
+            .interceptor(ServerDate(server_time.clone()))
+            .build();
         let providers = ProviderConfig::without_region()
             .with_region(base.region().cloned())
             .with_behavior_version(Some(BehaviorVersion::latest()));
@@ -49,6 +56,7 @@ impl S3Source {
             prefix,
             base,
             credentials: tokio::sync::Mutex::new(CredentialCache::new(providers)),
+            server_time,
         })
     }
 
@@ -71,6 +79,10 @@ impl S3Source {
 impl Source for S3Source {
     fn url(&self, path: &str) -> String {
         format!("s3://{}/{}", self.bucket, self.key(path))
+    }
+
+    fn server_time(&self) -> Option<Arc<ServerTime>> {
+        Some(self.server_time.clone())
     }
 
     fn get<'a>(

@@ -40,12 +40,17 @@
 //! No per-read timeout is set beyond these: the SDK's read timeout spans
 //! the same interval as the attempt (request sent until headers).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextRef;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
-use aws_sdk_s3::config::{IdentityCache, Region};
+use aws_sdk_s3::config::{ConfigBag, IdentityCache, Intercept, Region, RuntimeComponents};
+use aws_sdk_s3::error::BoxError;
+
+use crate::clock::ServerTime;
 
 /// S3-compatible servers ignore the region, but SigV4 needs one.
 const ENDPOINT_DEFAULT_REGION: &str = "us-east-1";
@@ -117,6 +122,30 @@ pub async fn s3_client(
         builder = builder.endpoint_url(endpoint).force_path_style(true);
     }
     Ok(aws_sdk_s3::Client::from_conf(builder.build()))
+}
+
+/// Reads the `Date` header of every response (any status, a 304 too) into
+/// a [`ServerTime`], so that the agent learns the repository's clock from
+/// the requests it makes anyway. Reads only; never fails a request.
+#[derive(Debug)]
+pub struct ServerDate(pub Arc<ServerTime>);
+
+impl Intercept for ServerDate {
+    fn name(&self) -> &'static str {
+        "pulldeploy::ServerDate"
+    }
+
+    fn read_after_transmit(
+        &self,
+        context: &BeforeDeserializationInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        if let Some(date) = context.response().headers().get("date") {
+            self.0.observe_header(date);
+        }
+        Ok(())
+    }
 }
 
 /// The timeouts of an upload of `bytes` bytes: the attempt is allowed

@@ -148,3 +148,28 @@ pub fn random_bytes(len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// `command` run under libfaketime: `faketime ARGS PROGRAM ARGS...` with
+/// the same environment (a start time, or `-f` and an offset such as
+/// `+2h`). The monotonic clock is left alone (FAKETIME_DONT_FAKE_MONOTONIC),
+/// so that tokio's timers run as they do on a node whose wall clock is
+/// simply wrong.
+#[allow(dead_code, reason = "not every test binary uses it")]
+pub fn under_faketime(command: &Command, faketime: &[&str]) -> Command {
+    let mut faked = Command::new("faketime");
+    faked
+        .args(faketime)
+        .arg(command.get_program())
+        .args(command.get_args())
+        .env_clear()
+        .envs(
+            command
+                .get_envs()
+                .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+        )
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    if let Some(dir) = command.get_current_dir() {
+        faked.current_dir(dir);
+    }
+    faked
+}
