@@ -64,6 +64,25 @@ pub struct Fleet {
     /// The time leases are judged by: the system clock unless the caller
     /// hands in a better one ([`Fleet::with_clock`]).
     clock: Arc<dyn Clock>,
+    /// This process's token ([`instance_token`]), in its leases and report.
+    instance: String,
+    /// When this fleet was opened (by `clock`): a lease with this node's id
+    /// and another token written later is a second node's, not this
+    /// node's own from before a restart.
+    started: chrono::DateTime<chrono::Utc>,
+    /// The last sign that another node uses this node's id: when, and what.
+    duplicate: std::sync::Mutex<Option<(chrono::DateTime<chrono::Utc>, String)>>,
+    /// The ETag of the report this process last wrote: the next report is
+    /// written with `If-Match` on it, so another writer of this node's
+    /// report shows as a 412 at no extra request.
+    report_etag: std::sync::Mutex<Option<String>>,
+}
+
+/// A random token, made once per process, that tells two processes with
+/// one node id apart (in leases and reports).
+pub fn instance_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| hex::encode(rand::random::<[u8; 8]>()))
 }
 
 impl Fleet {
@@ -112,13 +131,50 @@ impl Fleet {
             warned_forbidden: AtomicBool::new(false),
             seen_leases: std::sync::Mutex::new(std::collections::HashMap::new()),
             clock: Arc::new(SystemClock),
+            instance: instance_token().to_string(),
+            started: SystemClock.now(),
+            duplicate: std::sync::Mutex::new(None),
+            report_etag: std::sync::Mutex::new(None),
         }
     }
 
     /// The same fleet, judging lease times by `clock`.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Fleet {
+        self.started = clock.now();
         self.clock = clock;
         self
+    }
+
+    /// The same fleet as another process would be: its own instance token
+    /// (tests of two processes with one node id).
+    pub fn with_instance(mut self, token: &str) -> Fleet {
+        self.instance = token.to_string();
+        self
+    }
+
+    /// This process's instance token.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The last sign that another node uses this node's id (when, by this
+    /// fleet's clock, and what was seen); `None` when none was seen.
+    pub fn duplicate_seen(&self) -> Option<(chrono::DateTime<chrono::Utc>, String)> {
+        self.duplicate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records (and logs, loudly) a sign that another node uses this id.
+    fn note_duplicate(&self, what: String) {
+        warn!(
+            node_id = %self.node_id,
+            fleet = %self.url(),
+            evidence = %what,
+            "two nodes use this node id; give each node its own [fleet] node_id"
+        );
+        *self.duplicate.lock().unwrap_or_else(|e| e.into_inner()) = Some((self.now(), what));
     }
 
     /// Now, by the clock this fleet judges lease times by.

@@ -98,22 +98,59 @@ async fn a_live_lease_of_another_node_is_not_broken() {
 }
 
 #[tokio::test]
-async fn a_node_takes_over_its_own_lease_after_a_restart() {
+async fn a_process_takes_over_its_own_lease_but_a_restarted_node_waits() {
     let dir = tempfile::tempdir().unwrap();
-    let before = fleet(dir.path(), "node-a")
-        .take_lease(1, Duration::from_secs(600))
-        .await;
+    let first = fleet(dir.path(), "node-a");
+    let before = first.take_lease(1, Duration::from_secs(600)).await;
     assert!(before.unwrap().is_some());
-    // The process restarted: a new Fleet, no Lease in hand.
-    let after = fleet(dir.path(), "node-a");
-    let lease = after
+    // The same process (a release that failed): its own lease, taken over.
+    let again = first
         .take_lease(1, Duration::from_secs(600))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(lease.slot(), 0);
-    assert!(lease.release(&after).await.unwrap());
+    assert_eq!(again.slot(), 0);
+    // The process restarted: a new token. The old lease may be another
+    // node's with this id, so it is waited out, not taken over; written
+    // before this process started, it is no sign of a duplicate.
+    let after = fleet(dir.path(), "node-a").with_instance("restarted");
+    assert!(
+        after
+            .take_lease(1, Duration::from_secs(600))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(after.duplicate_seen(), None);
+    assert_eq!(holder(dir.path(), 0).as_deref(), Some("node-a"));
+    assert!(again.release(&first).await.unwrap());
     assert!(!lease_file(dir.path(), 0).exists());
+}
+
+#[tokio::test]
+async fn duplicate_node_id_live_lease_is_never_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two processes with one id, both running before the lease is taken.
+    let (a, b) = (
+        fleet(dir.path(), "node-a"),
+        fleet(dir.path(), "node-a").with_instance("second"),
+    );
+    let lease = a
+        .take_lease(1, Duration::from_secs(600))
+        .await
+        .unwrap()
+        .unwrap();
+    let on_disk = std::fs::read(lease_file(dir.path(), 0)).unwrap();
+    assert!(
+        b.take_lease(1, Duration::from_secs(600))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(std::fs::read(lease_file(dir.path(), 0)).unwrap(), on_disk);
+    let (_, what) = b.duplicate_seen().expect("the duplicate id noticed");
+    assert!(what.contains(a.instance()), "{what}");
+    assert!(lease.release(&a).await.unwrap());
 }
 
 #[tokio::test]
@@ -189,6 +226,36 @@ async fn garbage_in_a_lease_slot_is_broken_not_obeyed() {
     std::fs::write(&path, vec![b'x'; 10_000]).unwrap();
     let taken = a.take_lease(1, Duration::from_secs(60)).await.unwrap();
     assert!(taken.is_some());
+}
+
+#[tokio::test]
+async fn lease_slot_garbage_any_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = lease_file(dir.path(), 0);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let live = lock_text("node-x", Utc::now(), Duration::from_secs(600));
+    let truncated = live[..live.len() - 20].to_string().into_bytes();
+    for (what, garbage) in [
+        ("8 KiB", vec![b'x'; 8 * 1024]),
+        ("2 MiB", vec![0xff; 2 << 20]),
+        ("a truncated lease", truncated),
+    ] {
+        std::fs::write(&path, &garbage).unwrap();
+        let a = fleet(dir.path(), "node-a");
+        let lease = a.take_lease(1, Duration::from_secs(60)).await;
+        let lease = lease.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let lease = lease.unwrap_or_else(|| panic!("{what}: not broken"));
+        assert_eq!(holder(dir.path(), 0).as_deref(), Some("node-a"), "{what}");
+        // Broken once: the next node finds a live lease and waits.
+        let b = fleet(dir.path(), "node-b");
+        assert!(
+            b.take_lease(1, Duration::from_secs(60))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(lease.release(&a).await.unwrap(), "{what}");
+    }
 }
 
 #[tokio::test]
