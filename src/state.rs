@@ -51,6 +51,11 @@ pub struct State {
     /// when it changes, as for a paused rollout).
     #[serde(default)]
     pub waiting: Option<Waiting>,
+    /// Another node uses this node's `[fleet] node_id` (what showed it):
+    /// its leases and report collide with this node's. Absent in older
+    /// state files and while no duplicate is seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_node_id: Option<String>,
 }
 
 /// An install the rollout holds back (a later wave, no free in-flight

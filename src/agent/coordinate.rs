@@ -349,6 +349,9 @@ impl Agent {
             report_interval_secs: interval.as_secs(),
             at: DateTime::<Utc>::UNIX_EPOCH,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            // Set by the fleet as it writes.
+            instance: None,
+            duplicate_node_id: self.duplicate_node_id().is_some(),
         };
         let content = report.to_json();
         {
@@ -374,6 +377,50 @@ impl Agent {
 }
 
 impl Agent {
+    /// What showed, within the last three report intervals, that another
+    /// node uses this node's id (a live lease or a rewritten report with
+    /// this id and another process's token).
+    fn duplicate_node_id(&self) -> Option<String> {
+        let fleet = self.fleet.as_ref()?;
+        let (seen, what) = fleet.duplicate_seen()?;
+        let keep = self.config.fleet.report_interval.saturating_mul(3);
+        let until = crate::clock::add(seen, keep);
+        (fleet.now() < until).then_some(what)
+    }
+
+    /// After a cycle: a duplicate node id seen (or gone) goes to state.json
+    /// (for `status`), `/metrics` and, when it starts, the webhook. The
+    /// warning itself is logged where it is seen ([`Fleet`]).
+    pub(super) fn note_duplicate_id(&self, state: &mut State) {
+        if self.fleet.is_none() {
+            return;
+        }
+        let seen = self.duplicate_node_id();
+        self.health
+            .rollout_gauges()
+            .set_duplicate_node_id(seen.is_some());
+        if state.duplicate_node_id == seen {
+            return;
+        }
+        if let Some(what) = &seen
+            && state.duplicate_node_id.is_none()
+        {
+            self.notifier.node_event(
+                crate::config::NodeEvent::DuplicateId,
+                format!("two nodes use one fleet node id: {what}"),
+            );
+        }
+        state.duplicate_node_id = seen;
+        let path = self.config.state_path();
+        match state.save(&path) {
+            Ok(()) => {
+                *self.state_stamp.lock().unwrap_or_else(|e| e.into_inner()) =
+                    crate::state::FileStamp::of(&path);
+            }
+            Err(e) => warn!(error = %e, "cannot record the duplicate node id in state"),
+        }
+    }
+
     /// The outcome a report gives: the last one that said something. An
     /// unchanged poll says nothing new, so a node that alternates between
     /// "waiting: ..." and "unchanged" does not rewrite its report each time.

@@ -401,6 +401,7 @@ impl Agent {
         }
         let outcome = result.as_ref().ok().map(ToString::to_string);
         self.report(state, outcome.as_deref()).await;
+        self.note_duplicate_id(state);
         Some(result)
     }
 

@@ -218,12 +218,55 @@ impl Fleet {
         }
     }
 
-    /// Writes this node's report, `nodes/<node-id>.json`.
+    /// Writes this node's report, `nodes/<node-id>.json`, with this
+    /// process's instance token. After the first write (unconditional: the
+    /// object may be this node's from before a restart) each write is
+    /// `If-Match` on the ETag this process wrote last: a 412 means another
+    /// writer wrote this node's report, read back here; another process's
+    /// token in it is a second node with this id ([`Fleet::duplicate_seen`]),
+    /// and the report is then written as it is, flagged.
     pub async fn write_report(&self, report: &NodeReport) -> Result<(), FleetError> {
         let path = format!("{}/nodes/{}.json", self.suite, key::encode(&report.node_id));
+        let mut report = report.clone();
+        report.instance = Some(self.instance.clone());
+        let last = self
+            .report_etag
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let condition = match &last {
+            Some(etag) => Condition::IfMatch(etag),
+            None => Condition::Always,
+        };
         let bytes = report.to_json();
-        self.put(&path, Body::Bytes(&bytes), Condition::Always)
-            .await?;
+        let written = match self.put(&path, Body::Bytes(&bytes), condition).await? {
+            Written::Done { etag } => etag,
+            Written::PreconditionFailed => {
+                let other = match self.get(&path, MAX_REPORT_BYTES).await {
+                    Ok(Some(stored)) => NodeReport::parse(&stored.bytes, &self.node_id).ok(),
+                    _ => None,
+                };
+                if let Some(token) = other.and_then(|r| r.instance)
+                    && token != self.instance
+                {
+                    self.note_duplicate(format!(
+                        "the report {} was rewritten by another process with this node's id ({})",
+                        self.store.url(&path),
+                        printable(&token)
+                    ));
+                    report.duplicate_node_id = true;
+                }
+                let bytes = report.to_json();
+                match self
+                    .put(&path, Body::Bytes(&bytes), Condition::Always)
+                    .await?
+                {
+                    Written::Done { etag } => etag,
+                    Written::PreconditionFailed => None,
+                }
+            }
+        };
+        *self.report_etag.lock().unwrap_or_else(|e| e.into_inner()) = written;
         Ok(())
     }
 

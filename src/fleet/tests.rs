@@ -321,6 +321,9 @@ async fn reports_are_read_back_and_bad_ones_listed_apart() {
             report_interval_secs: 300,
             at: crate::publish::index::whole_seconds(Utc::now()),
             agent_version: "0.1.0".into(),
+            // As written: with the writing process's token.
+            instance: Some(node.instance().to_string()),
+            duplicate_node_id: false,
         };
         node.write_report(&report).await.unwrap();
         written.push(report);
@@ -351,4 +354,45 @@ async fn reports_are_read_back_and_bad_ones_listed_apart() {
     assert_eq!(status.waves.len(), 3);
     let text = status.to_text();
     assert!(text.contains("node-1"), "{text}");
+}
+
+#[tokio::test]
+async fn duplicate_node_id_report_rewritten_by_another_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = fleet(dir.path(), "node-a");
+    let b = fleet(dir.path(), "node-a").with_instance("second");
+    let report = NodeReport {
+        node_id: "node-a".into(),
+        installed: Default::default(),
+        wave_position: None,
+        wave: None,
+        last_outcome: None,
+        last_error: None,
+        waiting: None,
+        report_interval_secs: 60,
+        at: Utc::now(),
+        agent_version: "0.1.0".into(),
+        instance: None,
+        duplicate_node_id: false,
+    };
+    let path = dir.path().join(SUITE).join("nodes").join("node-a.json");
+    let on_disk = || NodeReport::parse(&std::fs::read(&path).unwrap(), "node-a").unwrap();
+    // One writer: its own ETag matches every time.
+    for _ in 0..3 {
+        a.write_report(&report).await.unwrap();
+    }
+    assert_eq!(a.duplicate_seen(), None);
+    assert_eq!(on_disk().instance.as_deref(), Some(a.instance()));
+    // A second process with this id: its first write is unconditional (it
+    // may be this node restarted), then each sees the other's rewrites.
+    b.write_report(&report).await.unwrap();
+    assert_eq!(b.duplicate_seen(), None);
+    a.write_report(&report).await.unwrap();
+    let (_, what) = a.duplicate_seen().expect("node a noticed");
+    assert!(what.contains("second"), "{what}");
+    assert!(on_disk().duplicate_node_id);
+    assert_eq!(on_disk().instance.as_deref(), Some(a.instance()));
+    b.write_report(&report).await.unwrap();
+    let (_, what) = b.duplicate_seen().expect("node b noticed");
+    assert!(what.contains(a.instance()), "{what}");
 }

@@ -106,6 +106,7 @@ pub struct RolloutGauges {
     wave: Gauge,
     waiting_for_wave: Gauge,
     waiting_for_lease: Gauge,
+    duplicate_node_id: Gauge,
 }
 
 impl RolloutGauges {
@@ -130,6 +131,11 @@ impl RolloutGauges {
             "Whether an install waits for a free in-flight lease (1) or not (0)",
             self.waiting_for_lease.clone(),
         );
+        registry.register(
+            "fleet_duplicate_node_id",
+            "Whether another node was seen using this node's fleet node_id lately (1) or not (0)",
+            self.duplicate_node_id.clone(),
+        );
     }
 
     pub fn set_wave(&self, position: f64, wave: usize) {
@@ -144,6 +150,10 @@ impl RolloutGauges {
 
     pub fn set_waiting_for_lease(&self, waiting: bool) {
         self.waiting_for_lease.set(i64::from(waiting));
+    }
+
+    pub fn set_duplicate_node_id(&self, duplicate: bool) {
+        self.duplicate_node_id.set(i64::from(duplicate));
     }
 }
 
