@@ -989,3 +989,86 @@ fn fleet_store_5xx_or_timeout() {
     assert!(most <= 1, "{most} nodes answered 503 at once");
     assert_one_at_a_time(&log, 3);
 }
+
+#[test]
+fn duplicate_node_id() {
+    let rig = Rig::new();
+    let logs = tempfile::tempdir().expect("postinst logs");
+    rig.publish(&[pkg("myapp", "1.0")]);
+    let hook = Webhook::start(Answer::Ok);
+    let extra = format!(
+        "drain = \"1s\"\n[notify]\nwebhook = {:?}\nevents = [\"duplicate_id\"]\n",
+        hook.url()
+    );
+    // Two nodes configured with one id (a copied config), and a third.
+    let nodes = [
+        rig.node("dup-0", true, &extra),
+        rig.node("dup-0", true, &extra),
+        rig.node("other-1", true, &extra),
+    ];
+    let mut running: Vec<Running> = nodes.iter().map(run).collect();
+    let ports: Vec<u16> = running.iter_mut().map(Running::health_port).collect();
+    for node in &nodes {
+        wait_installed(node, "1.0");
+    }
+    for port in &ports {
+        wait_for("/healthz 200", LIMIT, || healthz(*port).0 == 200);
+    }
+    rig.rollout(&["set", "--max-in-flight", "1"]);
+    // Slow enough that two installs would overlap if both took the lease.
+    let log = logs.path().join("1.1");
+    let postinst = format!("sleep 2\n{}", timed_postinst(&log));
+    let sampler = DrainSampler::start(&ports);
+    rig.publish(&[pkg("myapp", "1.1").postinst(&postinst)]);
+    for node in &nodes {
+        wait_installed(node, "1.1");
+    }
+    let most = sampler.most_draining();
+    assert!(most <= 1, "{most} nodes answered 503 at once");
+    assert_one_at_a_time(&log, 3);
+
+    // Both say so: log, status, /metrics; the third does not.
+    for (n, (node, running)) in nodes.iter().zip(&mut running).enumerate() {
+        let duplicate = n < 2;
+        let port = ports[n];
+        let gauge = if duplicate { 1.0 } else { 0.0 };
+        wait_for("the duplicate id on /metrics", LIMIT, || {
+            let page = common::http::http_request(port, "GET", "/metrics", &[], &[]).text();
+            metric(&page, "pulldeploy_fleet_duplicate_node_id") == Some(gauge)
+        });
+        let out = node.command(&["status"]).output().expect("status");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            text.contains("DUPLICATE NODE ID"),
+            duplicate,
+            "node {n}: {text}"
+        );
+        running.drain_lines();
+        let warned = running
+            .log
+            .iter()
+            .any(|l| l.contains("two nodes use this node id"));
+        assert_eq!(warned, duplicate, "node {n}: {}", running.log.join("\n"));
+    }
+    // fleet status flags the id (text and JSON).
+    wait_for("fleet status flags dup-0", LIMIT, || {
+        rig.fleet_status()["duplicate_node_ids"] == serde_json::json!(["dup-0"])
+    });
+    let fleet = format!("s3://{BUCKET}/fleet");
+    let out = rig
+        .command(&["fleet", "status", "--fleet", &fleet, "--suite", SUITE])
+        .output()
+        .expect("run fleet status");
+    assert!(
+        assert_ok(&out, "fleet status").contains("DUPLICATE NODE ID dup-0"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // And the webhook was told, by the duplicates only.
+    let received = hook.wait_for_requests(2, LIMIT);
+    for request in &received {
+        let text = request.text();
+        assert!(text.contains("two nodes use one fleet node id"), "{text}");
+        assert!(!text.contains("other-1"), "{text}");
+    }
+}

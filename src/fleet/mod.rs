@@ -2,7 +2,7 @@
 //! leases, halt markers and node reports under `[fleet] url`, and the
 //! `fleet` commands that read them.
 //!
-//! Layout, per suite (`../DESIGN`'s contract, names binding):
+//! Layout, per suite (names binding: other nodes and tools read them):
 //!
 //! ```text
 //! <fleet>/<suite>/leases/<slot>                slot = 0..max_in_flight-1   (lease)
@@ -16,6 +16,11 @@
 //! reason to install anything. A node can delay a rollout (hold a lease,
 //! write a halt marker), not make another node install a version: what
 //! is installed comes from the signed repository and its signed policy.
+//!
+//! The store failing is not the same as the store saying "free" or "not
+//! halted": a fleet error (other than a 403, no access at all) reaches the
+//! caller, and a serving node waits on it (`crate::agent`'s coordinate).
+//! Two processes with one node id are told apart by [`instance_token`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
