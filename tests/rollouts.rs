@@ -1000,11 +1000,15 @@ fn duplicate_node_id() {
         "drain = \"1s\"\n[notify]\nwebhook = {:?}\nevents = [\"duplicate_id\"]\n",
         hook.url()
     );
-    // Two nodes configured with one id (a copied config), and a third.
+    // Two nodes configured with one id (a copied config) in the first
+    // wave, so that they meet each other's lease first; a third node in
+    // the second.
+    let ids = ids_in("dup", &[(0.0, 0.5), (0.5, 1.0)]);
+    let (dup, other) = (ids[0].as_str(), ids[1].as_str());
     let nodes = [
-        rig.node("dup-0", true, &extra),
-        rig.node("dup-0", true, &extra),
-        rig.node("other-1", true, &extra),
+        rig.node(dup, true, &extra),
+        rig.node(dup, true, &extra),
+        rig.node(other, true, &extra),
     ];
     let mut running: Vec<Running> = nodes.iter().map(run).collect();
     let ports: Vec<u16> = running.iter_mut().map(Running::health_port).collect();
@@ -1014,7 +1018,7 @@ fn duplicate_node_id() {
     for port in &ports {
         wait_for("/healthz 200", LIMIT, || healthz(*port).0 == 200);
     }
-    rig.rollout(&["set", "--max-in-flight", "1"]);
+    rig.rollout(&["set", "--max-in-flight", "1", "--waves", "50%@0s,100%@6s"]);
     // Slow enough that two installs would overlap if both took the lease.
     let log = logs.path().join("1.1");
     let postinst = format!("sleep 2\n{}", timed_postinst(&log));
@@ -1051,8 +1055,8 @@ fn duplicate_node_id() {
         assert_eq!(warned, duplicate, "node {n}: {}", running.log.join("\n"));
     }
     // fleet status flags the id (text and JSON).
-    wait_for("fleet status flags dup-0", LIMIT, || {
-        rig.fleet_status()["duplicate_node_ids"] == serde_json::json!(["dup-0"])
+    wait_for("fleet status flags the id", LIMIT, || {
+        rig.fleet_status()["duplicate_node_ids"] == serde_json::json!([dup])
     });
     let fleet = format!("s3://{BUCKET}/fleet");
     let out = rig
@@ -1060,7 +1064,7 @@ fn duplicate_node_id() {
         .output()
         .expect("run fleet status");
     assert!(
-        assert_ok(&out, "fleet status").contains("DUPLICATE NODE ID dup-0"),
+        assert_ok(&out, "fleet status").contains(&format!("DUPLICATE NODE ID {dup}")),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
@@ -1069,6 +1073,6 @@ fn duplicate_node_id() {
     for request in &received {
         let text = request.text();
         assert!(text.contains("two nodes use one fleet node id"), "{text}");
-        assert!(!text.contains("other-1"), "{text}");
+        assert!(!text.contains(other), "{text}");
     }
 }
