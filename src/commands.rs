@@ -121,6 +121,12 @@ pub fn status(config: &Config, json: bool) -> Result<(), Error> {
             }
         );
     }
+    if let Some(what) = &state.duplicate_node_id {
+        let _ = writeln!(
+            out,
+            "fleet: DUPLICATE NODE ID: another node uses this node's id ({what}); give each node its own [fleet] node_id"
+        );
+    }
     if !state.events.is_empty() {
         let _ = writeln!(out, "events (newest first):");
         for event in state.events.iter().rev().take(10) {

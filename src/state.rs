@@ -56,6 +56,11 @@ pub struct State {
     /// Absent for a `file://` repository, which has no clock of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_offset: Option<i64>,
+    /// Another node uses this node's `[fleet] node_id` (what showed it):
+    /// its leases and report collide with this node's. Absent in older
+    /// state files and while no duplicate is seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_node_id: Option<String>,
 }
 
 /// An install the rollout holds back (a later wave, no free in-flight

@@ -257,6 +257,9 @@ fn report(node: &str, version: &str, wave: usize, error: Option<&str>) -> NodeRe
         report_interval_secs: 300,
         at: Utc::now(),
         agent_version: "0.1.0".into(),
+        // As written: with the writing process's token.
+        instance: Some(pulldeploy::fleet::instance_token().to_string()),
+        duplicate_node_id: false,
     }
 }
 

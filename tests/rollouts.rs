@@ -11,12 +11,16 @@ mod common {
     pub mod app;
     pub mod cmd;
     pub mod dpkg;
+    #[allow(dead_code, reason = "this binary only fails the fleet prefix")]
+    pub mod faulty;
     // The package builder, the runners and the waits only: the rest of
     // the install fixture is other binaries' (and their lint's) business.
     #[allow(dead_code, reason = "this binary uses a part of the install fixture")]
     pub mod fixture;
     pub mod gpg;
     pub mod http;
+    #[allow(dead_code, reason = "needed by the faulty proxy, not used here")]
+    pub mod imds;
     pub mod moto;
     pub mod moto_iam;
     pub mod node;
@@ -35,6 +39,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::app::App;
 use common::cmd::{host_path, under_faketime};
+use common::faulty::{Fault, FaultyProxy};
 use common::fixture::{Pkg, Running, build, dpkg_log, healthz, pkg, wait_for};
 use common::gpg::GpgKey;
 use common::moto::{Moto, static_aws_env};
@@ -156,9 +161,20 @@ impl Rig {
     }
 
     fn node_following(&self, packages: &[&str], id: &str, fleet: bool, health: &str) -> Node {
+        self.node_at(&self.moto.endpoint, packages, id, fleet, health)
+    }
+
+    /// A node reaching S3 (repository and fleet prefix) at `endpoint`.
+    fn node_at(
+        &self,
+        endpoint: &str,
+        packages: &[&str],
+        id: &str,
+        fleet: bool,
+        health: &str,
+    ) -> Node {
         let repository = format!(
-            "url = \"s3://{BUCKET}/repo\"\nendpoint = {:?}\nregion = \"us-east-1\"",
-            self.moto.endpoint
+            "url = \"s3://{BUCKET}/repo\"\nendpoint = {endpoint:?}\nregion = \"us-east-1\""
         );
         let url = match fleet {
             true => format!("url = \"s3://{BUCKET}/fleet\"\n"),
@@ -947,4 +963,293 @@ fn a_node_without_write_access_follows_the_signed_policy_and_says_so_once() {
     );
     assert_eq!(lifted.status, 200, "{}", lifted.text());
     assert_eq!(rig.moto.list_keys(BUCKET, "fleet/"), Vec::<String>::new());
+}
+
+/// Samples every node's /healthz until stopped: the most nodes that
+/// answered 503 (draining) at once.
+struct DrainSampler {
+    done: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl DrainSampler {
+    fn start(ports: &[u16]) -> DrainSampler {
+        let done = Arc::new(AtomicBool::new(false));
+        let (stop, ports) = (done.clone(), ports.to_vec());
+        let thread = std::thread::spawn(move || {
+            let mut most = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let draining = ports.iter().filter(|p| healthz(**p).0 == 503).count();
+                most = most.max(draining);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            most
+        });
+        DrainSampler { done, thread }
+    }
+
+    fn most_draining(self) -> usize {
+        self.done.store(true, Ordering::Relaxed);
+        self.thread.join().expect("sampler")
+    }
+}
+
+/// A postinst that stamps its start and end into `log` and takes 1 s.
+fn timed_postinst(log: &std::path::Path) -> String {
+    let log = log.display();
+    format!(
+        "echo \"start $(date +%s.%N)\" >> {log}\nsleep 1\necho \"end $(date +%s.%N)\" >> {log}\n"
+    )
+}
+
+/// Asserts that the postinsts stamped in `log` ran one after the other,
+/// `count` of them.
+#[track_caller]
+fn assert_one_at_a_time(log: &std::path::Path, count: usize) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut spans: Vec<(f64, f64)> = Vec::new();
+    let mut open = None;
+    for line in text.lines() {
+        let (what, t) = line.split_once(' ').expect("log line");
+        let t: f64 = t.parse().expect("time");
+        match what {
+            "start" => open = Some(t),
+            _ => spans.push((open.take().expect("start before end"), t)),
+        }
+    }
+    assert_eq!(spans.len(), count, "{text}");
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for pair in spans.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "installs overlapped: {text}");
+    }
+}
+
+#[test]
+fn lease_slot_garbage_any_size() {
+    let rig = Rig::new();
+    let logs = tempfile::tempdir().expect("postinst logs");
+    rig.publish(&[pkg("myapp", "1.0")]);
+    let ids = ["g-0", "g-1", "g-2"];
+    let nodes: Vec<Node> = ids
+        .iter()
+        .map(|id| rig.node(id, true, "drain = \"1s\""))
+        .collect();
+    let mut running: Vec<Running> = nodes.iter().map(run).collect();
+    let ports: Vec<u16> = running.iter_mut().map(Running::health_port).collect();
+    for node in &nodes {
+        wait_installed(node, "1.0");
+    }
+    for port in &ports {
+        wait_for("/healthz 200", LIMIT, || healthz(*port).0 == 200);
+    }
+    rig.rollout(&["set", "--max-in-flight", "1"]);
+    let live = format!(
+        "Owner: g-9\nAcquired: {}\nExpires: {}\n",
+        Utc::now().to_rfc3339(),
+        (Utc::now() + secs(600)).to_rfc3339()
+    );
+    let truncated = live.as_bytes()[..live.len() - 20].to_vec();
+    let slot = "fleet/production/leases/0";
+    for (version, garbage) in [
+        ("1.1", vec![b'x'; 8 * 1024]),
+        ("1.2", vec![0xff; 2 << 20]),
+        ("1.3", truncated),
+    ] {
+        // Garbage in the only slot while every node serves.
+        rig.moto.put_object(BUCKET, slot, &garbage);
+        let log = logs.path().join(version);
+        let sampler = DrainSampler::start(&ports);
+        rig.publish(&[pkg("myapp", version).postinst(&timed_postinst(&log))]);
+        for node in &nodes {
+            wait_installed(node, version);
+        }
+        let most = sampler.most_draining();
+        assert!(most <= 1, "{version}: {most} nodes answered 503 at once");
+        assert_one_at_a_time(&log, nodes.len());
+        // The garbage was broken (by its ETag) and every lease given back.
+        wait_for("no lease held", LIMIT, || {
+            rig.fleet_status()["leases"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+        });
+        assert_eq!(rig.moto.get_object(BUCKET, slot), None, "{version}");
+    }
+    let mut broken = 0;
+    for node in &mut running {
+        node.drain_lines();
+        broken += node
+            .log
+            .iter()
+            .filter(|l| l.contains("broke an expired lease"))
+            .count();
+    }
+    // The two objects too large to be a lease broken unread, the truncated
+    // one (no Expires) as expired: one break each, nothing else broken.
+    assert_eq!(broken, 3, "one break per garbage object");
+}
+
+/// (status, S3 error code) answered for the fleet prefix's objects.
+fn fleet_fault(status: u16, code: &'static str) -> Fault {
+    Fault::Error {
+        status,
+        code,
+        message: "injected by the test",
+    }
+}
+
+#[test]
+fn fleet_store_5xx_or_timeout() {
+    let rig = Rig::new();
+    let proxy = FaultyProxy::start(rig.moto.port);
+    let logs = tempfile::tempdir().expect("postinst logs");
+    rig.publish(&[pkg("myapp", "1.0")]);
+    rig.rollout(&["set", "--max-in-flight", "1"]);
+    let node = |id: &str| rig.node_at(&proxy.endpoint, &["myapp"], id, true, "drain = \"1s\"");
+    let serving = [node("s-0"), node("s-1")];
+    let mut running: Vec<Running> = serving.iter().map(run).collect();
+    let ports: Vec<u16> = running.iter_mut().map(Running::health_port).collect();
+    for node in &serving {
+        wait_installed(node, "1.0");
+    }
+    let before: Vec<Vec<String>> = serving.iter().map(dpkg_log).collect();
+
+    // The repository works; the fleet prefix fails: its halt markers with
+    // 500, its leases with 503 SlowDown.
+    proxy.inject("/halted/", fleet_fault(500, "InternalError"), None);
+    proxy.inject("leases", Fault::slow_down(), None);
+    let log = logs.path().join("1.1");
+    let sampler = DrainSampler::start(&ports);
+    rig.publish(&[pkg("myapp", "1.1").postinst(&timed_postinst(&log))]);
+    let waits_for = |node: &Node, why: &str| {
+        wait_for(why, LIMIT, || {
+            node.state().waiting.is_some_and(|w| w.reason.contains(why))
+        });
+    };
+    for node in &serving {
+        waits_for(node, "fleet: halt markers unreadable");
+    }
+    // A fresh node drains nobody: it installs with the fleet store down.
+    let fresh = node("f-0");
+    let _fresh = run(&fresh);
+    wait_installed(&fresh, "1.1");
+
+    // Halt markers readable again, leases not: the serving nodes still wait.
+    proxy.clear_path("/halted/");
+    for node in &serving {
+        waits_for(node, "fleet: no in-flight lease");
+        let out = node.command(&["status"]).output().expect("status");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("rollout: waiting: fleet: no in-flight lease"),
+            "{text}"
+        );
+    }
+    for (node, before) in serving.iter().zip(&before) {
+        assert_eq!(node.installed("myapp").as_deref(), Some("1.0"));
+        assert_eq!(&dpkg_log(node), before, "dpkg ran while the fleet was down");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count(),
+        2,
+        "only the fresh node installed"
+    );
+
+    // The faults stop: one at a time, everyone converges.
+    proxy.clear();
+    for node in &serving {
+        wait_installed(node, "1.1");
+    }
+    let most = sampler.most_draining();
+    assert!(most <= 1, "{most} nodes answered 503 at once");
+    assert_one_at_a_time(&log, 3);
+}
+
+#[test]
+fn duplicate_node_id() {
+    let rig = Rig::new();
+    let logs = tempfile::tempdir().expect("postinst logs");
+    rig.publish(&[pkg("myapp", "1.0")]);
+    let hook = Webhook::start(Answer::Ok);
+    let extra = format!(
+        "drain = \"1s\"\n[notify]\nwebhook = {:?}\nevents = [\"duplicate_id\"]\n",
+        hook.url()
+    );
+    // Two nodes configured with one id (a copied config) in the first
+    // wave, so that they meet each other's lease first; a third node in
+    // the second.
+    let ids = ids_in("dup", &[(0.0, 0.5), (0.5, 1.0)]);
+    let (dup, other) = (ids[0].as_str(), ids[1].as_str());
+    let nodes = [
+        rig.node(dup, true, &extra),
+        rig.node(dup, true, &extra),
+        rig.node(other, true, &extra),
+    ];
+    let mut running: Vec<Running> = nodes.iter().map(run).collect();
+    let ports: Vec<u16> = running.iter_mut().map(Running::health_port).collect();
+    for node in &nodes {
+        wait_installed(node, "1.0");
+    }
+    for port in &ports {
+        wait_for("/healthz 200", LIMIT, || healthz(*port).0 == 200);
+    }
+    rig.rollout(&["set", "--max-in-flight", "1", "--waves", "50%@0s,100%@6s"]);
+    // Slow enough that two installs would overlap if both took the lease.
+    let log = logs.path().join("1.1");
+    let postinst = format!("sleep 2\n{}", timed_postinst(&log));
+    let sampler = DrainSampler::start(&ports);
+    rig.publish(&[pkg("myapp", "1.1").postinst(&postinst)]);
+    for node in &nodes {
+        wait_installed(node, "1.1");
+    }
+    let most = sampler.most_draining();
+    assert!(most <= 1, "{most} nodes answered 503 at once");
+    assert_one_at_a_time(&log, 3);
+
+    // Both say so: log, status, /metrics; the third does not.
+    for (n, (node, running)) in nodes.iter().zip(&mut running).enumerate() {
+        let duplicate = n < 2;
+        let port = ports[n];
+        let gauge = if duplicate { 1.0 } else { 0.0 };
+        wait_for("the duplicate id on /metrics", LIMIT, || {
+            let page = common::http::http_request(port, "GET", "/metrics", &[], &[]).text();
+            metric(&page, "pulldeploy_fleet_duplicate_node_id") == Some(gauge)
+        });
+        let out = node.command(&["status"]).output().expect("status");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            text.contains("DUPLICATE NODE ID"),
+            duplicate,
+            "node {n}: {text}"
+        );
+        running.drain_lines();
+        let warned = running
+            .log
+            .iter()
+            .any(|l| l.contains("two nodes use this node id"));
+        assert_eq!(warned, duplicate, "node {n}: {}", running.log.join("\n"));
+    }
+    // fleet status flags the id (text and JSON).
+    wait_for("fleet status flags the id", LIMIT, || {
+        rig.fleet_status()["duplicate_node_ids"] == serde_json::json!([dup])
+    });
+    let fleet = format!("s3://{BUCKET}/fleet");
+    let out = rig
+        .command(&["fleet", "status", "--fleet", &fleet, "--suite", SUITE])
+        .output()
+        .expect("run fleet status");
+    assert!(
+        assert_ok(&out, "fleet status").contains(&format!("DUPLICATE NODE ID {dup}")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // And the webhook was told, by the duplicates only.
+    let received = hook.wait_for_requests(2, LIMIT);
+    for request in &received {
+        let text = request.text();
+        assert!(text.contains("two nodes use one fleet node id"), "{text}");
+        assert!(!text.contains(other), "{text}");
+    }
 }

@@ -10,8 +10,12 @@
 //!
 //! Without `[fleet] url` the policy still applies (waves, pause, pins);
 //! leases, halts and reports need the fleet prefix. A fleet store that
-//! refuses this node (403) or is down never stops a deploy: the node says
-//! so (the missing permission once) and follows the signed policy alone.
+//! refuses this node (403: no write access at all) never stops a deploy:
+//! the node says so once and follows the signed policy alone. Any other
+//! failure of the store (5xx, throttling, a timeout) while a serving node
+//! takes its lease or checks the halt markers makes it wait for the next
+//! poll (fail closed: never drained without a lease, never installed as if
+//! "not halted"); a fresh node, which drains nobody, carries on.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +27,7 @@ use tracing::{info, warn};
 use super::plan::Choice;
 use super::{Agent, Outcome, Plan, PlannedInstall};
 use crate::error::Error;
-use crate::fleet::{Fleet, Lease, NodeReport};
+use crate::fleet::{Fleet, FleetError, Lease, NodeReport};
 use crate::repo::packages::{Candidate, same_version};
 use crate::rollout::Policy;
 use crate::state::{State, Waiting};
@@ -100,22 +104,19 @@ impl Agent {
                 let versions = describe_installs(plan);
                 info!(%versions, slots, "every in-flight lease is held; waiting");
                 self.health.rollout_gauges().set_waiting_for_lease(true);
-                plan.waiting = Some(Waiting {
-                    reason: format!("lease: {versions} waits for one of {slots} in-flight slots"),
-                    recheck_at: None,
-                    for_lease: true,
-                });
-                // Kept for the next poll: when the Release has not changed
-                // (304) the same verified plan tries for a lease again,
-                // without reading the repository.
-                *self.lease_wait.lock().unwrap_or_else(|e| e.into_inner()) = Some(WaitingPlan {
-                    installs: std::mem::take(&mut plan.installs),
-                    policy: plan.policy.clone(),
-                });
+                let reason = format!("lease: {versions} waits for one of {slots} in-flight slots");
+                self.wait_for_next_poll(plan, reason);
+                return Ok(None);
+            }
+            Err(e @ FleetError::Forbidden { .. }) => {
+                fleet.log_unavailable(&e);
                 return Ok(None);
             }
             Err(e) => {
-                fleet.log_unavailable(&e);
+                // A slot that cannot be read may be held: fail closed.
+                warn!(fleet = %fleet.url(), error = %e, "fleet store unavailable; a serving node takes no lease and waits for the next poll");
+                let reason = format!("fleet: no in-flight lease, the fleet store failed: {e}");
+                self.wait_for_next_poll(plan, reason);
                 return Ok(None);
             }
         };
@@ -126,7 +127,16 @@ impl Agent {
             .iter()
             .map(|i| (i.name.clone(), i.to.clone()))
             .collect();
-        let halted = self.halted_versions(fleet, &chosen).await;
+        let (halted, failed) = self.halted_versions(fleet, &chosen).await;
+        if let Some(e) = failed {
+            warn!(fleet = %fleet.url(), error = %e, "cannot check the halt markers; a serving node waits for the next poll");
+            if let Err(e) = lease.release(fleet).await {
+                fleet.log_unavailable(&e);
+            }
+            let reason = format!("fleet: halt markers unreadable, the fleet store failed: {e}");
+            self.wait_for_next_poll(plan, reason);
+            return Ok(None);
+        }
         if !halted.is_empty() {
             plan.installs
                 .retain(|i| !halted.iter().any(|(n, v, _)| *n == i.name && *v == i.to));
@@ -148,6 +158,21 @@ impl Agent {
             lease,
             self.lease_ttl,
         )))
+    }
+
+    /// The whole verified plan waits (`reason`) and is kept for the next
+    /// poll: while the Release has not changed (304), the same plan tries
+    /// again without reading the repository.
+    fn wait_for_next_poll(&self, plan: &mut Plan, reason: String) {
+        plan.waiting = Some(Waiting {
+            reason,
+            recheck_at: None,
+            for_lease: true,
+        });
+        *self.lease_wait.lock().unwrap_or_else(|e| e.into_inner()) = Some(WaitingPlan {
+            installs: std::mem::take(&mut plan.installs),
+            policy: plan.policy.clone(),
+        });
     }
 
     /// Why a plan waits for the `halted` versions ("halted: PKG VERSION
@@ -193,13 +218,14 @@ impl Agent {
     }
 
     /// The chosen versions that are halted in the fleet: one request per
-    /// version, before anything is downloaded for it.
+    /// version, before anything is downloaded for it; and the store's
+    /// failure when a marker could not be read (see `halted_versions`).
     pub(super) async fn halted_choices(
         &self,
         chosen: &[Choice<'_>],
-    ) -> Vec<(String, String, String)> {
+    ) -> (Vec<(String, String, String)>, Option<FleetError>) {
         let Some(fleet) = &self.fleet else {
-            return Vec::new();
+            return (Vec::new(), None);
         };
         let versions: Vec<(String, String)> = chosen
             .iter()
@@ -209,15 +235,18 @@ impl Agent {
     }
 
     /// Reads the halt marker of each (package, version), remembering what
-    /// it found; returns the halted ones with who halted them. A fleet
-    /// store that cannot be read counts as "not halted" (the signed
-    /// repository decides what is offered; a halt is an extra brake).
+    /// it found; returns the halted ones with who halted them, and the
+    /// first failure of the store other than a 403. A 403 (no access to
+    /// the prefix) counts as "not halted": such a node follows the signed
+    /// policy alone. Any other failure is the caller's to fail closed on
+    /// (a serving node waits; a fresh one carries on).
     async fn halted_versions(
         &self,
         fleet: &Fleet,
         versions: &[(String, String)],
-    ) -> Vec<(String, String, String)> {
+    ) -> (Vec<(String, String, String)>, Option<FleetError>) {
         let mut halted = Vec::new();
+        let mut failed = None;
         for (name, version) in versions {
             let key = (name.clone(), version.clone());
             match fleet.halted(name, version).await {
@@ -239,12 +268,15 @@ impl Agent {
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&key);
                 }
-                Err(e) => {
+                Err(e @ FleetError::Forbidden { .. }) => {
                     fleet.log_unavailable(&e);
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
                 }
             }
         }
-        halted
+        (halted, failed)
     }
 
     /// After an install: a halt marker for every version this attempt
@@ -318,6 +350,9 @@ impl Agent {
             report_interval_secs: interval.as_secs(),
             at: DateTime::<Utc>::UNIX_EPOCH,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            // Set by the fleet as it writes.
+            instance: None,
+            duplicate_node_id: self.duplicate_node_id().is_some(),
         };
         let content = report.to_json();
         {
@@ -343,6 +378,50 @@ impl Agent {
 }
 
 impl Agent {
+    /// What showed, within the last three report intervals, that another
+    /// node uses this node's id (a live lease or a rewritten report with
+    /// this id and another process's token).
+    fn duplicate_node_id(&self) -> Option<String> {
+        let fleet = self.fleet.as_ref()?;
+        let (seen, what) = fleet.duplicate_seen()?;
+        let keep = self.config.fleet.report_interval.saturating_mul(3);
+        let until = crate::clock::add(seen, keep);
+        (fleet.now() < until).then_some(what)
+    }
+
+    /// After a cycle: a duplicate node id seen (or gone) goes to state.json
+    /// (for `status`), `/metrics` and, when it starts, the webhook. The
+    /// warning itself is logged where it is seen ([`Fleet`]).
+    pub(super) fn note_duplicate_id(&self, state: &mut State) {
+        if self.fleet.is_none() {
+            return;
+        }
+        let seen = self.duplicate_node_id();
+        self.health
+            .rollout_gauges()
+            .set_duplicate_node_id(seen.is_some());
+        if state.duplicate_node_id == seen {
+            return;
+        }
+        if let Some(what) = &seen
+            && state.duplicate_node_id.is_none()
+        {
+            self.notifier.node_event(
+                crate::config::NodeEvent::DuplicateId,
+                format!("two nodes use one fleet node id: {what}"),
+            );
+        }
+        state.duplicate_node_id = seen;
+        let path = self.config.state_path();
+        match state.save(&path) {
+            Ok(()) => {
+                *self.state_stamp.lock().unwrap_or_else(|e| e.into_inner()) =
+                    crate::state::FileStamp::of(&path);
+            }
+            Err(e) => warn!(error = %e, "cannot record the duplicate node id in state"),
+        }
+    }
+
     /// The outcome a report gives: the last one that said something. An
     /// unchanged poll says nothing new, so a node that alternates between
     /// "waiting: ..." and "unchanged" does not rewrite its report each time.

@@ -414,6 +414,7 @@ impl Agent {
         }
         let outcome = result.as_ref().ok().map(ToString::to_string);
         self.report(state, outcome.as_deref()).await;
+        self.note_duplicate_id(state);
         Some(result)
     }
 
@@ -580,9 +581,24 @@ impl Agent {
         // Versions halted in the fleet are left out before anything is
         // downloaded, like bad ones: the next best version is chosen.
         let mut halted = self.drop_known_halts(&mut candidates);
+        let mut fleet_failed = None;
         let mut choices = loop {
             let choices = plan::choose(&candidates, &specs, &dpkg, state, &index_url)?;
-            let found = self.halted_choices(&choices.install).await;
+            let (found, failed) = self.halted_choices(&choices.install).await;
+            if let Some(e) = failed {
+                // Fail closed: a serving node does not install what it
+                // could not check; a fresh one (drains nobody) carries on.
+                if !state.installed.is_empty() {
+                    warn!(error = %e, "cannot check the fleet halt markers; a serving node waits for the next poll");
+                    let mut choices = choices;
+                    choices.install.clear();
+                    fleet_failed = Some(format!(
+                        "fleet: halt markers unreadable, the fleet store failed: {e}"
+                    ));
+                    break choices;
+                }
+                warn!(error = %e, "cannot check the fleet halt markers; a fresh node carries on without them");
+            }
             if found.is_empty() {
                 break choices;
             }
@@ -602,6 +618,11 @@ impl Agent {
         let waits_for_wave = held.as_ref().is_some_and(|h| h.next_release.is_some());
         let (mut reasons, recheck_at) = self.halt_wait(&halted, now);
         let mut recheck_at = (!halted.is_empty()).then_some(recheck_at);
+        if let Some(reason) = fleet_failed {
+            // Looked at again at the next poll, even on an unchanged Release.
+            reasons.push(reason);
+            recheck_at = Some(now);
+        }
         if let Some(held) = held {
             choices.stay.extend(held.stay);
             for (package, stay) in &choices.stay {

@@ -709,6 +709,13 @@ impl Store for Recording {
         self.inner.size(path)
     }
 
+    fn head<'a>(
+        &'a self,
+        path: &'a str,
+    ) -> BoxFuture<'a, Result<Option<crate::publish::store::Head>, PublishError>> {
+        self.inner.head(path)
+    }
+
     fn put<'a>(
         &'a self,
         path: &'a str,

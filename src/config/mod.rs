@@ -213,16 +213,24 @@ pub enum NodeEvent {
     Halt,
     /// `failing_after` consecutive cycles failed.
     Failing,
+    /// Another node uses this node's `[fleet] node_id`.
+    DuplicateId,
 }
 
 impl NodeEvent {
-    pub const ALL: [NodeEvent; 3] = [NodeEvent::Rollback, NodeEvent::Halt, NodeEvent::Failing];
+    pub const ALL: [NodeEvent; 4] = [
+        NodeEvent::Rollback,
+        NodeEvent::Halt,
+        NodeEvent::Failing,
+        NodeEvent::DuplicateId,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             NodeEvent::Rollback => "rollback",
             NodeEvent::Halt => "halt",
             NodeEvent::Failing => "failing",
+            NodeEvent::DuplicateId => "duplicate_id",
         }
     }
 

@@ -11,12 +11,24 @@
 //! then writes without a lock, so there two racers can both "win").
 //!
 //! What another node wrote is untrusted: a lease object that is larger
-//! than [`MAX_LEASE_BYTES`], that does not parse, or whose `Expires` is
-//! more than [`MAX_LEASE_TTL`] ahead counts as expired, so garbage cannot
-//! hold a slot for longer than one break. A node can still keep slots
-//! busy by writing live leases: it can delay a rollout, which every node
-//! with write access to the prefix can do anyway, never make a node install
-//! anything.
+//! than [`MAX_LEASE_BYTES`] (of any size: its ETag comes from a HEAD, the
+//! body is never read), that does not parse, or whose `Expires` is more
+//! than [`MAX_LEASE_TTL`] ahead counts as expired and is broken by its
+//! ETag, so garbage cannot hold a slot for longer than one break. A slot
+//! that cannot be read at all (the store fails) is a held slot: the
+//! caller gets the error and a serving node waits (fail closed). A node
+//! can still keep slots busy by writing live leases: it can delay a
+//! rollout, which every node with write access to the prefix can do
+//! anyway, never make a node install anything.
+//!
+//! A lease names its holder's node id and the holder process's instance
+//! token ([`super::instance_token`]). Only a lease with this node's id AND
+//! this process's token is this node's own: a live lease with this node's
+//! id and another token is never taken over. It is either a second node
+//! configured with the same id (when it was written after this process
+//! started: reported as a duplicate id) or this node's own lease from
+//! before a restart, which the node waits out like any live lease (at
+//! most [`crate::agent`]'s lease TTL).
 
 use std::time::Duration;
 
@@ -25,15 +37,12 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::{Fleet, FleetError};
+use crate::publish::index::parse_stanzas;
 use crate::publish::lock::{Holder, lock_text, parse_holder};
 use crate::publish::store::{Body, Condition, Written};
 
 /// A lease object is a few lines; anything larger is not one of ours.
 pub const MAX_LEASE_BYTES: u64 = 4096;
-
-/// Read this much of a lease slot's object at most: enough to see that a
-/// too-large object is garbage (and break it), not to read a huge one.
-const MAX_LEASE_READ: u64 = 1 << 20;
 
 /// The longest a lease may run ahead of the reader's clock before it
 /// counts as garbage (a clock years off, or a node pinning a slot).
@@ -70,6 +79,14 @@ fn expired(holder: Option<&Holder>, now: DateTime<Utc>) -> bool {
         Some(expires) => expires < now || expires > limit,
         None => true,
     }
+}
+
+/// The `Instance:` token of a lease, when it has one (older agents wrote
+/// none).
+fn lease_instance(bytes: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let stanza = parse_stanzas(text).ok()?.into_iter().next()?;
+    stanza.get("Instance").map(str::to_string)
 }
 
 fn expiry(now: DateTime<Utc>, ttl: Duration) -> DateTime<Utc> {
@@ -143,7 +160,7 @@ impl Fleet {
     async fn create_lease(&self, slot: u32, ttl: Duration) -> Result<Option<Lease>, FleetError> {
         let path = self.lease_path(slot);
         let now = self.now();
-        let text = lock_text(&self.node_id, now, ttl);
+        let text = self.lease_text(now, ttl);
         match self
             .put(&path, Body::Bytes(text.as_bytes()), Condition::IfAbsent)
             .await?
@@ -156,30 +173,46 @@ impl Fleet {
         }
     }
 
-    /// The lease of a held `slot`, if it is this node's own (from before a
-    /// restart) or expired: replaced with `If-Match` on the ETag read.
+    /// The lease of a held `slot`, if it is this process's own (a release
+    /// that failed) or expired or garbage: replaced with `If-Match` on the
+    /// ETag read. A store failure is the caller's (the slot counts as held).
     async fn take_held_lease(&self, slot: u32, ttl: Duration) -> Result<Option<Lease>, FleetError> {
         let path = self.lease_path(slot);
-        let Some(current) = self.get(&path, MAX_LEASE_READ).await? else {
+        let (holder, instance, etag) = match self.get(&path, MAX_LEASE_BYTES).await {
+            Ok(Some(current)) => (
+                parse_holder(&current.bytes),
+                lease_instance(&current.bytes),
+                current.etag,
+            ),
             // Released since the LIST: the next attempt (a poll later)
             // finds it free. No loop here: a node should not spin.
-            return Ok(None);
+            Ok(None) => return Ok(None),
+            // Too large to be a lease: garbage, broken by the ETag of a
+            // HEAD (its body is never read).
+            Err(FleetError::Store(e)) if super::too_large(&e) => {
+                match self.store.head(&path).await? {
+                    Some(head) => (None, None, head.etag),
+                    None => return Ok(None),
+                }
+            }
+            Err(e) => return Err(e),
         };
-        let holder = (current.bytes.len() as u64 <= MAX_LEASE_BYTES)
-            .then(|| parse_holder(&current.bytes))
-            .flatten();
-        let ours = holder.as_ref().is_some_and(|h| h.owner == self.node_id);
+        let same_id = holder.as_ref().is_some_and(|h| h.owner == self.node_id);
+        let ours = same_id && instance.as_deref() == Some(self.instance.as_str());
         let now = self.now();
         if !ours && !expired(holder.as_ref(), now) {
+            if let Some(holder) = holder.as_ref().filter(|_| same_id) {
+                self.note_duplicate_lease(&path, holder, instance.as_deref());
+            }
             if let Some(expires) = holder.as_ref().and_then(|h| h.expires) {
                 self.seen_leases().insert(slot, expires);
             }
             return Ok(None);
         }
-        let Some(etag) = current.etag.as_deref() else {
+        let Some(etag) = etag.as_deref() else {
             return Ok(None);
         };
-        let text = lock_text(&self.node_id, now, ttl);
+        let text = self.lease_text(now, ttl);
         match self
             .put(
                 &path,
@@ -191,11 +224,11 @@ impl Fleet {
             Written::Done { etag } => {
                 match ours {
                     true => {
-                        info!(lease = %self.store.url(&path), "took over this node's own lease")
+                        info!(lease = %self.store.url(&path), "took over this process's own lease")
                     }
                     false => warn!(
                         lease = %self.store.url(&path),
-                        stale_holder = %holder.as_ref().map(|h| h.owner.as_str()).unwrap_or("unreadable lease"),
+                        stale_holder = %holder.as_ref().map(|h| super::printable(&h.owner)).unwrap_or_else(|| "unreadable lease".into()),
                         expired = %holder.as_ref().and_then(|h| h.expires).map(|e| e.to_rfc3339()).unwrap_or_default(),
                         "broke an expired lease"
                     ),
@@ -206,6 +239,35 @@ impl Fleet {
             // Another node broke it first.
             Written::PreconditionFailed => Ok(None),
         }
+    }
+
+    /// A live lease with this node's id and another process's token: a
+    /// second node with this id when it was written (acquired or renewed)
+    /// after this process started; before that, it may be this node's own
+    /// from before a restart, and only waits.
+    fn note_duplicate_lease(&self, path: &str, holder: &Holder, instance: Option<&str>) {
+        let written = DateTime::parse_from_rfc3339(&holder.acquired)
+            .ok()
+            .map(|t| t.with_timezone(&Utc));
+        if written.is_some_and(|at| at > self.started) {
+            self.note_duplicate(format!(
+                "the live lease {} has this node's id and another process's token ({})",
+                self.store.url(path),
+                super::printable(instance.unwrap_or("none"))
+            ));
+        } else {
+            info!(lease = %self.store.url(path), "a lease with this node's id from before this process started; waiting for it to expire");
+        }
+    }
+
+    /// What this process writes into a lease: the holder, its times and
+    /// this process's instance token.
+    fn lease_text(&self, now: DateTime<Utc>, ttl: Duration) -> String {
+        format!(
+            "{}Instance: {}\n",
+            lock_text(&self.node_id, now, ttl),
+            self.instance
+        )
     }
 
     /// Every lease object of the suite, in slot order.
@@ -288,7 +350,7 @@ impl Lease {
             return Ok(false);
         };
         let now = fleet.now();
-        let text = lock_text(&fleet.node_id, now, self.ttl);
+        let text = fleet.lease_text(now, self.ttl);
         match fleet
             .put(
                 &self.path,

@@ -2,7 +2,7 @@
 //! leases, halt markers and node reports under `[fleet] url`, and the
 //! `fleet` commands that read them.
 //!
-//! Layout, per suite (`../DESIGN`'s contract, names binding):
+//! Layout, per suite (names binding: other nodes and tools read them):
 //!
 //! ```text
 //! <fleet>/<suite>/leases/<slot>                slot = 0..max_in_flight-1   (lease)
@@ -16,6 +16,11 @@
 //! reason to install anything. A node can delay a rollout (hold a lease,
 //! write a halt marker), not make another node install a version: what
 //! is installed comes from the signed repository and its signed policy.
+//!
+//! The store failing is not the same as the store saying "free" or "not
+//! halted": a fleet error (other than a 403, no access at all) reaches the
+//! caller, and a serving node waits on it (`crate::agent`'s coordinate).
+//! Two processes with one node id are told apart by [`instance_token`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +69,25 @@ pub struct Fleet {
     /// The time leases are judged by: the system clock unless the caller
     /// hands in a better one ([`Fleet::with_clock`]).
     clock: Arc<dyn Clock>,
+    /// This process's token ([`instance_token`]), in its leases and report.
+    instance: String,
+    /// When this fleet was opened (by `clock`): a lease with this node's id
+    /// and another token written later is a second node's, not this
+    /// node's own from before a restart.
+    started: chrono::DateTime<chrono::Utc>,
+    /// The last sign that another node uses this node's id: when, and what.
+    duplicate: std::sync::Mutex<Option<(chrono::DateTime<chrono::Utc>, String)>>,
+    /// The ETag of the report this process last wrote: the next report is
+    /// written with `If-Match` on it, so another writer of this node's
+    /// report shows as a 412 at no extra request.
+    report_etag: std::sync::Mutex<Option<String>>,
+}
+
+/// A random token, made once per process, that tells two processes with
+/// one node id apart (in leases and reports).
+pub fn instance_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| hex::encode(rand::random::<[u8; 8]>()))
 }
 
 impl Fleet {
@@ -112,13 +136,50 @@ impl Fleet {
             warned_forbidden: AtomicBool::new(false),
             seen_leases: std::sync::Mutex::new(std::collections::HashMap::new()),
             clock: Arc::new(SystemClock),
+            instance: instance_token().to_string(),
+            started: SystemClock.now(),
+            duplicate: std::sync::Mutex::new(None),
+            report_etag: std::sync::Mutex::new(None),
         }
     }
 
     /// The same fleet, judging lease times by `clock`.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Fleet {
+        self.started = clock.now();
         self.clock = clock;
         self
+    }
+
+    /// The same fleet as another process would be: its own instance token
+    /// (tests of two processes with one node id).
+    pub fn with_instance(mut self, token: &str) -> Fleet {
+        self.instance = token.to_string();
+        self
+    }
+
+    /// This process's instance token.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The last sign that another node uses this node's id (when, by this
+    /// fleet's clock, and what was seen); `None` when none was seen.
+    pub fn duplicate_seen(&self) -> Option<(chrono::DateTime<chrono::Utc>, String)> {
+        self.duplicate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records (and logs, loudly) a sign that another node uses this id.
+    fn note_duplicate(&self, what: String) {
+        warn!(
+            node_id = %self.node_id,
+            fleet = %self.url(),
+            evidence = %what,
+            "two nodes use this node id; give each node its own [fleet] node_id"
+        );
+        *self.duplicate.lock().unwrap_or_else(|e| e.into_inner()) = Some((self.now(), what));
     }
 
     /// Now, by the clock this fleet judges lease times by.
@@ -162,12 +223,55 @@ impl Fleet {
         }
     }
 
-    /// Writes this node's report, `nodes/<node-id>.json`.
+    /// Writes this node's report, `nodes/<node-id>.json`, with this
+    /// process's instance token. After the first write (unconditional: the
+    /// object may be this node's from before a restart) each write is
+    /// `If-Match` on the ETag this process wrote last: a 412 means another
+    /// writer wrote this node's report, read back here; another process's
+    /// token in it is a second node with this id ([`Fleet::duplicate_seen`]),
+    /// and the report is then written as it is, flagged.
     pub async fn write_report(&self, report: &NodeReport) -> Result<(), FleetError> {
         let path = format!("{}/nodes/{}.json", self.suite, key::encode(&report.node_id));
+        let mut report = report.clone();
+        report.instance = Some(self.instance.clone());
+        let last = self
+            .report_etag
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let condition = match &last {
+            Some(etag) => Condition::IfMatch(etag),
+            None => Condition::Always,
+        };
         let bytes = report.to_json();
-        self.put(&path, Body::Bytes(&bytes), Condition::Always)
-            .await?;
+        let written = match self.put(&path, Body::Bytes(&bytes), condition).await? {
+            Written::Done { etag } => etag,
+            Written::PreconditionFailed => {
+                let other = match self.get(&path, MAX_REPORT_BYTES).await {
+                    Ok(Some(stored)) => NodeReport::parse(&stored.bytes, &self.node_id).ok(),
+                    _ => None,
+                };
+                if let Some(token) = other.and_then(|r| r.instance)
+                    && token != self.instance
+                {
+                    self.note_duplicate(format!(
+                        "the report {} was rewritten by another process with this node's id ({})",
+                        self.store.url(&path),
+                        printable(&token)
+                    ));
+                    report.duplicate_node_id = true;
+                }
+                let bytes = report.to_json();
+                match self
+                    .put(&path, Body::Bytes(&bytes), Condition::Always)
+                    .await?
+                {
+                    Written::Done { etag } => etag,
+                    Written::PreconditionFailed => None,
+                }
+            }
+        };
+        *self.report_etag.lock().unwrap_or_else(|e| e.into_inner()) = written;
         Ok(())
     }
 

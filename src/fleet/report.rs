@@ -52,6 +52,13 @@ pub struct NodeReport {
     pub at: DateTime<Utc>,
     #[serde(default)]
     pub agent_version: String,
+    /// The writing process's instance token ([`super::instance_token`]):
+    /// tells two processes with one node id apart.
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// The writer has seen another node use its node id.
+    #[serde(default)]
+    pub duplicate_node_id: bool,
 }
 
 impl NodeReport {
@@ -103,6 +110,9 @@ impl NodeReport {
         }
         if self.agent_version.len() > 64 {
             return Err("agent_version is longer than 64 bytes".into());
+        }
+        if self.instance.as_ref().is_some_and(|i| i.len() > 64) {
+            return Err("instance is longer than 64 bytes".into());
         }
         if self.report_interval_secs == 0 {
             return Err("report_interval_secs is 0".into());
@@ -214,6 +224,8 @@ mod tests {
             report_interval_secs: 300,
             at: DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
             agent_version: "0.1.0".into(),
+            instance: Some("0123456789abcdef".into()),
+            duplicate_node_id: false,
         }
     }
 

@@ -33,6 +33,9 @@ pub struct Status {
     pub stale: Vec<Stale>,
     pub halted: Vec<Halt>,
     pub leases: Vec<LeaseInfo>,
+    /// Node ids whose report says another node uses the same id: their
+    /// leases and reports collide (give each node its own id).
+    pub duplicate_node_ids: Vec<String>,
     /// Every report as read.
     pub nodes: Vec<NodeReport>,
     pub unreadable: Vec<UnreadableReport>,
@@ -90,8 +93,12 @@ impl Status {
         let mut packages: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
         let mut waves: BTreeMap<Option<usize>, WaveNodes> = BTreeMap::new();
         let (mut failing, mut stale) = (Vec::new(), Vec::new());
+        let mut duplicate_node_ids = Vec::new();
         for report in &reports.nodes {
             let node = report.node_id.clone();
+            if report.duplicate_node_id {
+                duplicate_node_ids.push(node.clone());
+            }
             for (package, version) in &report.installed {
                 let versions = packages.entry(package.clone()).or_default();
                 versions
@@ -147,6 +154,7 @@ impl Status {
             stale,
             halted,
             leases,
+            duplicate_node_ids,
             nodes: reports.nodes,
             unreadable: reports.unreadable,
         }
@@ -171,6 +179,12 @@ impl Status {
             self.failing.len(),
             self.stale.len()
         );
+        for node in &self.duplicate_node_ids {
+            let _ = writeln!(
+                out,
+                "DUPLICATE NODE ID {node}: two nodes use this id (their leases and reports collide); give each its own [fleet] node_id"
+            );
+        }
         for (package, versions) in &self.packages {
             let _ = writeln!(out, "{package}:");
             for version in versions {

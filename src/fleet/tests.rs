@@ -98,22 +98,59 @@ async fn a_live_lease_of_another_node_is_not_broken() {
 }
 
 #[tokio::test]
-async fn a_node_takes_over_its_own_lease_after_a_restart() {
+async fn a_process_takes_over_its_own_lease_but_a_restarted_node_waits() {
     let dir = tempfile::tempdir().unwrap();
-    let before = fleet(dir.path(), "node-a")
-        .take_lease(1, Duration::from_secs(600))
-        .await;
+    let first = fleet(dir.path(), "node-a");
+    let before = first.take_lease(1, Duration::from_secs(600)).await;
     assert!(before.unwrap().is_some());
-    // The process restarted: a new Fleet, no Lease in hand.
-    let after = fleet(dir.path(), "node-a");
-    let lease = after
+    // The same process (a release that failed): its own lease, taken over.
+    let again = first
         .take_lease(1, Duration::from_secs(600))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(lease.slot(), 0);
-    assert!(lease.release(&after).await.unwrap());
+    assert_eq!(again.slot(), 0);
+    // The process restarted: a new token. The old lease may be another
+    // node's with this id, so it is waited out, not taken over; written
+    // before this process started, it is no sign of a duplicate.
+    let after = fleet(dir.path(), "node-a").with_instance("restarted");
+    assert!(
+        after
+            .take_lease(1, Duration::from_secs(600))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(after.duplicate_seen(), None);
+    assert_eq!(holder(dir.path(), 0).as_deref(), Some("node-a"));
+    assert!(again.release(&first).await.unwrap());
     assert!(!lease_file(dir.path(), 0).exists());
+}
+
+#[tokio::test]
+async fn duplicate_node_id_live_lease_is_never_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two processes with one id, both running before the lease is taken.
+    let (a, b) = (
+        fleet(dir.path(), "node-a"),
+        fleet(dir.path(), "node-a").with_instance("second"),
+    );
+    let lease = a
+        .take_lease(1, Duration::from_secs(600))
+        .await
+        .unwrap()
+        .unwrap();
+    let on_disk = std::fs::read(lease_file(dir.path(), 0)).unwrap();
+    assert!(
+        b.take_lease(1, Duration::from_secs(600))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(std::fs::read(lease_file(dir.path(), 0)).unwrap(), on_disk);
+    let (_, what) = b.duplicate_seen().expect("the duplicate id noticed");
+    assert!(what.contains(a.instance()), "{what}");
+    assert!(lease.release(&a).await.unwrap());
 }
 
 #[tokio::test]
@@ -192,6 +229,36 @@ async fn garbage_in_a_lease_slot_is_broken_not_obeyed() {
 }
 
 #[tokio::test]
+async fn lease_slot_garbage_any_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = lease_file(dir.path(), 0);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let live = lock_text("node-x", Utc::now(), Duration::from_secs(600));
+    let truncated = live[..live.len() - 20].to_string().into_bytes();
+    for (what, garbage) in [
+        ("8 KiB", vec![b'x'; 8 * 1024]),
+        ("2 MiB", vec![0xff; 2 << 20]),
+        ("a truncated lease", truncated),
+    ] {
+        std::fs::write(&path, &garbage).unwrap();
+        let a = fleet(dir.path(), "node-a");
+        let lease = a.take_lease(1, Duration::from_secs(60)).await;
+        let lease = lease.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let lease = lease.unwrap_or_else(|| panic!("{what}: not broken"));
+        assert_eq!(holder(dir.path(), 0).as_deref(), Some("node-a"), "{what}");
+        // Broken once: the next node finds a live lease and waits.
+        let b = fleet(dir.path(), "node-b");
+        assert!(
+            b.take_lease(1, Duration::from_secs(60))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(lease.release(&a).await.unwrap(), "{what}");
+    }
+}
+
+#[tokio::test]
 async fn halt_and_unhalt_a_version_with_an_epoch_and_a_tilde() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (fleet(dir.path(), "node-a"), fleet(dir.path(), "node-b"));
@@ -254,6 +321,9 @@ async fn reports_are_read_back_and_bad_ones_listed_apart() {
             report_interval_secs: 300,
             at: crate::publish::index::whole_seconds(Utc::now()),
             agent_version: "0.1.0".into(),
+            // As written: with the writing process's token.
+            instance: Some(node.instance().to_string()),
+            duplicate_node_id: false,
         };
         node.write_report(&report).await.unwrap();
         written.push(report);
@@ -329,4 +399,45 @@ async fn a_zero_epoch_halt_is_read_back_and_unhalt_compares_by_debian_equality()
     );
     assert_eq!(b.halted("myapp", "1.2~rc1").await.unwrap(), None);
     assert!(operator.halts().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn duplicate_node_id_report_rewritten_by_another_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = fleet(dir.path(), "node-a");
+    let b = fleet(dir.path(), "node-a").with_instance("second");
+    let report = NodeReport {
+        node_id: "node-a".into(),
+        installed: Default::default(),
+        wave_position: None,
+        wave: None,
+        last_outcome: None,
+        last_error: None,
+        waiting: None,
+        report_interval_secs: 60,
+        at: Utc::now(),
+        agent_version: "0.1.0".into(),
+        instance: None,
+        duplicate_node_id: false,
+    };
+    let path = dir.path().join(SUITE).join("nodes").join("node-a.json");
+    let on_disk = || NodeReport::parse(&std::fs::read(&path).unwrap(), "node-a").unwrap();
+    // One writer: its own ETag matches every time.
+    for _ in 0..3 {
+        a.write_report(&report).await.unwrap();
+    }
+    assert_eq!(a.duplicate_seen(), None);
+    assert_eq!(on_disk().instance.as_deref(), Some(a.instance()));
+    // A second process with this id: its first write is unconditional (it
+    // may be this node restarted), then each sees the other's rewrites.
+    b.write_report(&report).await.unwrap();
+    assert_eq!(b.duplicate_seen(), None);
+    a.write_report(&report).await.unwrap();
+    let (_, what) = a.duplicate_seen().expect("node a noticed");
+    assert!(what.contains("second"), "{what}");
+    assert!(on_disk().duplicate_node_id);
+    assert_eq!(on_disk().instance.as_deref(), Some(a.instance()));
+    b.write_report(&report).await.unwrap();
+    let (_, what) = b.duplicate_seen().expect("node b noticed");
+    assert!(what.contains(a.instance()), "{what}");
 }

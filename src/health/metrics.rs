@@ -107,6 +107,7 @@ pub struct RolloutGauges {
     waiting_for_wave: Gauge,
     waiting_for_lease: Gauge,
     clock_offset: OptionalGauge<f64>,
+    duplicate_node_id: Gauge,
 }
 
 impl RolloutGauges {
@@ -137,6 +138,11 @@ impl RolloutGauges {
             Unit::Seconds,
             self.clock_offset.clone(),
         );
+        registry.register(
+            "fleet_duplicate_node_id",
+            "Whether another node was seen using this node's fleet node_id lately (1) or not (0)",
+            self.duplicate_node_id.clone(),
+        );
     }
 
     /// How far the node's clock is ahead of the repository's, once known.
@@ -156,6 +162,10 @@ impl RolloutGauges {
 
     pub fn set_waiting_for_lease(&self, waiting: bool) {
         self.waiting_for_lease.set(i64::from(waiting));
+    }
+
+    pub fn set_duplicate_node_id(&self, duplicate: bool) {
+        self.duplicate_node_id.set(i64::from(duplicate));
     }
 }
 

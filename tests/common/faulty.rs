@@ -163,6 +163,16 @@ impl FaultyProxy {
         self.shared.rules.lock().expect("proxy rules").clear();
     }
 
+    /// Removes the rules injected for `path_contains`; the others stay.
+    #[allow(dead_code, reason = "not every test binary uses it")]
+    pub fn clear_path(&self, path_contains: &str) {
+        self.shared
+            .rules
+            .lock()
+            .expect("proxy rules")
+            .retain(|rule| rule.path_contains != path_contains);
+    }
+
     /// Every request so far, in the order they were read.
     pub fn log(&self) -> Vec<Proxied> {
         self.shared.log.lock().expect("proxy log").clone()

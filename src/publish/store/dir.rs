@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
-use super::{Body, Condition, Store, Stored, Written, io_read, io_write};
+use super::{Body, Condition, Head, Store, Stored, Written, io_read, io_write};
 use crate::error::PublishError;
 use crate::publish::index::whole_seconds;
 use crate::repo::digest::{HashingReader, StreamDigest, StreamError};
@@ -213,6 +213,29 @@ impl Store for DirStore {
                 Err(e) => Err(io_read(&url, e)),
             }
         })
+    }
+
+    fn head<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Option<Head>, PublishError>> {
+        let full = self.full(path);
+        let url = self.url(path);
+        Box::pin(blocking(url.clone(), move || {
+            // The ETag is the content's SHA256: streamed, never held whole.
+            let Some(file) = open_existing(&full, &url)? else {
+                return Ok(None);
+            };
+            let meta = file.metadata().map_err(|e| io_read(&url, e))?;
+            if !meta.is_file() {
+                return Ok(None);
+            }
+            let (sha256, size) = HashingReader::new(&file, StreamDigest::new(u64::MAX))
+                .copy_to(&mut std::io::sink())
+                .map_err(|e| io_read(&url, e))?
+                .finish();
+            Ok(Some(Head {
+                size,
+                etag: Some(format!("\"{sha256}\"")),
+            }))
+        }))
     }
 
     fn put<'a>(

@@ -48,6 +48,13 @@ pub struct Stored {
     pub last_modified: Option<DateTime<Utc>>,
 }
 
+/// An object's metadata, from [`Store::head`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub size: u64,
+    pub etag: Option<String>,
+}
+
 /// What is written: bytes in memory, or a file streamed from disk (a .deb).
 #[derive(Debug, Clone, Copy)]
 pub enum Body<'a> {
@@ -77,6 +84,11 @@ pub trait Store: Send + Sync {
 
     /// The size of the object (HEAD); `None` when absent.
     fn size<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Option<u64>, PublishError>>;
+
+    /// The size and ETag of the object without its body (HEAD); `None`
+    /// when absent. For an object too large to [`Store::get`]: a fleet
+    /// node breaks a garbage lease of any size by its ETag.
+    fn head<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Option<Head>, PublishError>>;
 
     fn put<'a>(
         &'a self,

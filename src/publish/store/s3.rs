@@ -4,7 +4,7 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use chrono::DateTime;
 
-use super::{Body, Condition, Store, Stored, Written, io_read, io_write};
+use super::{Body, Condition, Head, Store, Stored, Written, io_read, io_write};
 use crate::error::PublishError;
 use crate::repo::digest::{StreamDigest, StreamError};
 use crate::source::BoxFuture;
@@ -189,6 +189,10 @@ impl Store for S3Store {
     }
 
     fn size<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Option<u64>, PublishError>> {
+        Box::pin(async move { Ok(self.head(path).await?.map(|head| head.size)) })
+    }
+
+    fn head<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Option<Head>, PublishError>> {
         Box::pin(async move {
             let result = self
                 .client
@@ -198,7 +202,10 @@ impl Store for S3Store {
                 .send()
                 .await;
             match result {
-                Ok(output) => Ok(Some(output.content_length().unwrap_or(0).max(0) as u64)),
+                Ok(output) => Ok(Some(Head {
+                    size: output.content_length().unwrap_or(0).max(0) as u64,
+                    etag: output.e_tag().map(str::to_string),
+                })),
                 Err(error) => match describe(&error) {
                     (Some(404), _) => Ok(None),
                     (Some(403), message) => Err(denied(&self.url(path), message)),
