@@ -86,10 +86,17 @@ impl Wave {
         if !(percent > 0.0 && percent <= 100.0) {
             return Err(bad("the share is more than 0% and at most 100%"));
         }
+        // Written back with four decimals (Display): a finer share would
+        // come back as another number, and two close shares as equal ones,
+        // which every agent then refuses. So: ten-thousandths of a percent.
+        let steps = percent * 10_000.0;
+        if (steps - steps.round()).abs() > 1e-6 || steps.round() < 1.0 {
+            return Err(bad("the share has at most four decimal places"));
+        }
         let delay =
             humantime::parse_duration(delay.trim()).map_err(|e| bad(&format!("the delay: {e}")))?;
         Ok(Wave {
-            share: percent / 100.0,
+            share: steps.round() / 1_000_000.0,
             delay,
         })
     }

@@ -40,12 +40,31 @@ fn bad_waves_are_refused_with_the_reason() {
         ("5%@2m,100%@1m", "delays must not shrink"),
         ("5%@0s,50%@1m", "must reach 100%"),
         ("50%@0s,50%@1m,100%@2m", "shares must grow"),
+        // Found by the fuzz pass: written back as 33.1845%.
+        ("33.18446744073709551616%@1m,100%@2m", "four decimal places"),
+        ("0.00001%@0s,100%@1m", "four decimal places"),
+        ("1e-300%@0s,100%@1m", "four decimal places"),
     ] {
         let error = parse_waves(text).unwrap_err();
         assert!(error.contains(why), "{text:?}: {error}");
     }
     let many = vec!["1%@0s"; MAX_WAVES + 1].join(",");
     assert!(parse_waves(&many).is_err());
+}
+
+#[test]
+fn close_shares_stay_apart_when_the_policy_is_written_back() {
+    // Before: 33.33334% and 33.33335% were both written "33.3333%", and
+    // every agent refused the policy (shares must grow).
+    assert!(parse_waves("33.33334%@0s,33.33335%@1m,100%@2m").is_err());
+    let list = waves("33.3333%@0s,33.3334%@1m,100%@2m");
+    let mut policy = Policy {
+        waves: list,
+        ..Policy::default()
+    };
+    policy.stamp("myapp", "1.0", at("2026-11-30T05:00:00Z"));
+    assert_eq!(Policy::parse(&policy.to_text("s")).unwrap(), policy);
+    assert_eq!(Wave::parse("1e1%@0s").unwrap().to_string(), "10%@0s");
 }
 
 #[test]
