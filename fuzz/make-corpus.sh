@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes the fuzz keyring and seed corpus with real gpg: a signing key
 # (fuzz/keyring.asc, public part only), and a valid InRelease, Release +
-# Release.gpg, and Packages to start each target from.
+# Release.gpg, and Packages to start each target from. corpus/rollout
+# (rollout.toml policies) needs no key: its seeds are committed as written.
 set -euo pipefail
 cd "$(dirname "$0")"
 export GNUPGHOME="$(mktemp -d)"

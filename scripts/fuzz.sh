@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Short coverage-guided fuzz runs of the repository parsers and the
-# signature check (fuzz/fuzz_targets), FUZZ_SECONDS each (default 45).
+# Short coverage-guided fuzz runs of the repository parsers, the rollout
+# policy and the signature check (fuzz/fuzz_targets), FUZZ_SECONDS each
+# (default 45). The targets' bodies are pulldeploy::fuzzing, which
+# `cargo test` already runs on stable over the committed corpus and a
+# seeded mutation pass (src/fuzzing/tests.rs); this adds coverage guidance.
 # New inputs go to a temporary corpus; the committed one (fuzz/corpus) is
 # only read. A crash fails the run and leaves its input in fuzz/artifacts.
 # Needs cargo-fuzz (cargo install cargo-fuzz); stable Rust is enough with
@@ -10,7 +13,7 @@ cd "$(dirname "$0")/../fuzz"
 seconds="${FUZZ_SECONDS:-45}"
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
-for target in inrelease release_gpg release packages; do
+for target in inrelease release_gpg release packages rollout; do
   scratch="$(mktemp -d)"
   echo "fuzz: $target for ${seconds}s"
   status=0

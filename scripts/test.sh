@@ -2,7 +2,9 @@
 # The whole test suite, as CI runs it: installs what the tests need, then
 # formatting, lints, unit and integration tests against real servers
 # (moto, an IMDS emulator, s3s-fs, gpg/aptly/reprepro repositories, dpkg
-# sandboxes), and a short fuzz run when cargo-fuzz is installed.
+# sandboxes). The fuzz targets' bodies (src/fuzzing) run inside `cargo
+# test` on every run, over the committed corpora and a seeded mutation
+# pass; a coverage-guided run is added when cargo-fuzz is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,14 +20,15 @@ status=0
 cargo test --locked --no-fail-fast -- --test-threads="${PULLDEPLOY_TEST_THREADS:-4}" 2>&1 |
   tee "$log" || status=$?
 
-# Coverage-guided fuzzing when cargo-fuzz is installed (issue: "a short
-# fuzz run in the test command when cargo-fuzz is available").
+# Coverage-guided fuzzing on top, when cargo-fuzz is installed (it needs
+# nightly flags; without it the targets' bodies still ran above, in
+# pulldeploy::fuzzing's unit tests).
 if [ "$status" -ne 0 ]; then
   echo "tests failed: skipping the fuzz run"
 elif cargo fuzz --version >/dev/null 2>&1; then
   scripts/fuzz.sh
 else
-  echo "cargo-fuzz not installed: skipping the fuzz run (cargo install cargo-fuzz)"
+  echo "cargo-fuzz not installed: the fuzz targets ran as unit tests only (corpus + mutations); cargo install cargo-fuzz for coverage-guided runs"
 fi
 
 # One closing line for the whole suite (cargo prints one per test binary).

@@ -175,10 +175,13 @@ pub enum RolloutCommand {
     Show(RolloutTarget),
     /// Changes the waves and/or the in-flight limit.
     Set(RolloutSet),
-    /// Stops every node from changing an installed version (health-gate
-    /// rollbacks, pins and fresh nodes still install).
+    /// Freezes the schedule now: nothing is released to any wave after this
+    /// moment; no node changes an installed version, a fresh node installs
+    /// what its wave had now (health-gate rollbacks and pins still install).
     Pause(RolloutTarget),
-    /// Lets the rollout continue where the waves are now.
+    /// Lets the rollout continue where the waves were when paused: every
+    /// start moves forward by the paused time, so no wave's delay was spent
+    /// paused.
     Resume(RolloutTarget),
     /// Every node runs PKG=VER, at once (an older version is a signed fleet
     /// rollback).

@@ -32,6 +32,7 @@
 //! - [`publish`]: the repository side: publish, promote, refresh (signed, atomic).
 //! - [`webhook`]: notifications to a chat webhook (rollback, halt, failing;
 //!   published, promoted, rollout): a bounded queue, never in the way.
+//! - `fuzzing` (hidden): the fuzz targets' bodies, which the suite runs too.
 //! - [`fleet`]: coordination through the fleet prefix: in-flight leases, halt
 //!   markers, node reports, and the `fleet status`/`unhalt` commands.
 
@@ -43,6 +44,8 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod fleet;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod install;
 pub mod keyring;

@@ -781,6 +781,88 @@ fn pause_resume_pin_and_unpin_move_the_fleet() {
     assert_eq!(out.status.code(), Some(65), "{out:?}");
 }
 
+/// A pause freezes the schedule: a version published while paused goes
+/// nowhere, not even to a fresh node of the first wave (delay 0s), until
+/// the resume; then the waves go on in order, and the paused time counts
+/// toward no wave's delay.
+#[test]
+fn paused_then_published() {
+    let rig = Rig::new();
+    rig.publish(&[pkg("myapp", "1.0")]);
+    rig.rollout(&["set", "--waves", "50%@0s,100%@10s"]);
+    // Serving nodes in waves 1 and 2; a fresh wave-1 node comes later.
+    let ids = ids_in("pp", &[(0.0, 0.2), (0.6, 1.0), (0.2, 0.4)]);
+    let serving = [rig.node(&ids[0], true, ""), rig.node(&ids[1], false, "")];
+    let _running: Vec<Running> = serving.iter().map(run).collect();
+    for node in &serving {
+        wait_installed(node, "1.0");
+    }
+
+    let said = rig.rollout(&["pause"]);
+    assert!(said.contains("paused"), "{said}");
+    rig.publish(&[pkg("myapp", "1.1")]);
+    let published = rig.started("1.1");
+    let fresh = rig.node(&ids[2], true, "");
+    let _fresh = run(&fresh);
+    let all = [&serving[0], &serving[1], &fresh];
+    // Every node read the suite that has 1.1 (its Date is 1.1's start)...
+    for node in all {
+        wait_for("the paused suite with 1.1 accepted", LIMIT, || {
+            node.state().release.is_some_and(|r| r.date >= published)
+        });
+    }
+    // ...and the fresh node installed what wave 1 had when the pause began.
+    assert_eq!(
+        attempted_versions(&fresh),
+        ["1.0"],
+        "the fresh wave-1 node installed a version published while paused"
+    );
+    let show = rig.rollout(&["show"]);
+    assert!(
+        show.contains("wave 1 (50%@0s): 1.0; 1.1 held by the pause"),
+        "{show}"
+    );
+    // Paused for longer than wave 2's delay, the nodes polling all along:
+    // still nothing new anywhere.
+    wait_for("the pause outlasts wave 2's delay", LIMIT, || {
+        Utc::now() > published + secs(12)
+    });
+    for node in all {
+        assert_eq!(attempted_versions(node), ["1.0"], "installed while paused");
+    }
+    for node in &serving {
+        let waiting = node.state().waiting.map(|w| w.reason);
+        assert!(
+            waiting
+                .as_deref()
+                .is_some_and(|w| w.contains("paused: myapp")),
+            "{waiting:?}"
+        );
+    }
+
+    rig.rollout(&["resume"]);
+    // 1.1 was published while paused: its rollout starts at the resume.
+    let resumed = rig.started("1.1");
+    assert!(
+        resumed >= published + secs(12),
+        "1.1's start did not move past the pause: {resumed} (published {published})"
+    );
+    let times: Vec<DateTime<Utc>> = all.iter().map(|n| wait_installed(n, "1.1")).collect();
+    assert!(times[0] >= resumed, "wave 1 before the resume: {times:?}");
+    assert!(
+        times[2] >= resumed,
+        "fresh node before the resume: {times:?}"
+    );
+    assert!(
+        times[1] >= resumed + secs(10),
+        "wave 2's delay was spent paused: {} < {resumed} + 10s",
+        times[1]
+    );
+    for node in all {
+        assert_eq!(attempted_versions(node), ["1.0", "1.1"]);
+    }
+}
+
 #[test]
 fn rollout_changes_racing_publishes_lose_nothing() {
     let rig = Rig::new();
@@ -875,8 +957,10 @@ fn rollout_changes_racing_publishes_lose_nothing() {
             ("svc-b", "2.0")
         ]
     );
-    // ...and a node accepts the result: a fresh node in the first wave
-    // installs the pinned myapp and the new services, paused or not.
+    // ...and a node accepts the result: once resumed (a service published
+    // after the pause goes nowhere until then), a fresh node in the first
+    // wave installs the pinned myapp and the new services.
+    rig.rollout(&["resume"]);
     let id = &ids_in("r", &[(0.0, 0.10)])[0];
     let node = rig.node_following(&["myapp", "svc-a", "svc-b"], id, false, "");
     assert_ok(&node.once(), "a fresh node after the race");

@@ -35,7 +35,8 @@ pub enum Stay {
     /// The rollout policy holds this node's wave back from `version`
     /// until `at`; nothing older is released to it either.
     WaitingForWave { version: String, at: DateTime<Utc> },
-    /// The rollout is paused: the installed version stays.
+    /// The rollout is paused: the installed version stays; a fresh node
+    /// waits when nothing was released to its wave before the pause.
     Paused,
 }
 
@@ -67,7 +68,10 @@ pub struct Held {
 ///
 /// - a pin in the node's own config wins over the policy;
 /// - a fleet pin becomes the spec's pin, whatever the waves or `paused`;
-/// - `paused`: a package the node has installed stays as it is;
+/// - `paused`: a package the node has installed stays as it is; a fresh
+///   node gets only what its wave had when the pause began (the schedule
+///   is read at `paused_at`), and nothing waits for a time: the resume,
+///   a new signed Release, moves the schedule;
 /// - otherwise the versions not yet released to the node's wave are
 ///   removed from the candidates; a package left with none waits.
 pub fn apply_policy(
@@ -93,6 +97,7 @@ pub fn apply_policy(
             held.stay.push((spec.name.clone(), Stay::Paused));
             continue;
         }
+        let schedule = rollout.policy.schedule_time(rollout.now);
         let mut newest_held: Option<(&Candidate, DateTime<Utc>)> = None;
         let mut kept = 0;
         for candidate in candidates.iter().filter(|c| c.name == spec.name) {
@@ -101,8 +106,11 @@ pub fn apply_policy(
                 .policy
                 .released_at(&spec.name, &version, rollout.wave)
             {
-                Some(at) if at > rollout.now => {
-                    held.next_release = Some(held.next_release.map_or(at, |next| next.min(at)));
+                Some(at) if at > schedule => {
+                    // Paused, no time of the schedule comes: only a resume does.
+                    if !rollout.policy.paused {
+                        held.next_release = Some(held.next_release.map_or(at, |next| next.min(at)));
+                    }
                     if newest_held.is_none_or(|(c, _)| candidate.version > c.version) {
                         newest_held = Some((candidate, at));
                     }
@@ -113,13 +121,14 @@ pub fn apply_policy(
         if let Some((candidate, at)) = newest_held
             && kept == 0
         {
-            held.stay.push((
-                spec.name.clone(),
-                Stay::WaitingForWave {
+            let why = match rollout.policy.paused {
+                true => Stay::Paused,
+                false => Stay::WaitingForWave {
                     version: candidate.version.to_string(),
                     at,
                 },
-            ));
+            };
+            held.stay.push((spec.name.clone(), why));
         } else {
             held.specs.push(spec.clone());
         }
@@ -128,10 +137,12 @@ pub fn apply_policy(
         held.specs
             .iter()
             .any(|s| s.name == c.name && s.pinned.is_some())
-            || rollout
-                .policy
-                .released_at(&c.name, &c.version.to_string(), rollout.wave)
-                .is_none_or(|at| at <= rollout.now)
+            || rollout.policy.is_released(
+                &c.name,
+                &c.version.to_string(),
+                rollout.wave,
+                rollout.now,
+            )
     });
     held
 }
@@ -546,10 +557,10 @@ mod tests {
     }
 
     #[test]
-    fn paused_holds_installed_packages_but_not_fresh_nodes_or_pins() {
+    fn paused_holds_installed_packages_and_pins_still_install() {
         let mut policy = waves_policy();
-        policy.paused = true;
-        let (_, chosen, stay) = held_choice(
+        policy.pause(at("2026-11-30T05:30:00Z"));
+        let (held, chosen, stay) = held_choice(
             &policy,
             0,
             "2026-11-30T06:00:00Z",
@@ -558,8 +569,7 @@ mod tests {
         );
         assert!(chosen.is_empty());
         assert_eq!(stay, [("myapp".into(), Stay::Paused)]);
-        let (_, chosen, _) = held_choice(&policy, 0, "2026-11-30T06:00:00Z", &[], &["myapp"]);
-        assert_eq!(chosen, [("myapp".into(), "1.1".into())]);
+        assert_eq!(held.next_release, None);
         policy.pins.insert("myapp".into(), "1.0".into());
         let (_, chosen, _) = held_choice(
             &policy,
@@ -573,6 +583,97 @@ mod tests {
             [("myapp".into(), "1.0".into())],
             "a pin is a rollback, paused or not"
         );
+    }
+
+    #[test]
+    fn paused_a_fresh_node_gets_what_its_wave_had_when_the_pause_began() {
+        // Paused at 05:05: wave 1 had 1.1 (05:00), wave 2 not yet (05:10).
+        let mut policy = waves_policy();
+        policy.pause(at("2026-11-30T05:05:00Z"));
+        let (held, chosen, _) = held_choice(&policy, 0, "2026-11-30T07:00:00Z", &[], &["myapp"]);
+        assert_eq!(chosen, [("myapp".into(), "1.1".into())]);
+        assert_eq!(held.next_release, None);
+        let (held, chosen, _) = held_choice(&policy, 1, "2026-11-30T07:00:00Z", &[], &["myapp"]);
+        assert_eq!(
+            chosen,
+            [("myapp".into(), "1.0".into())],
+            "wave 2's time for 1.1 came after the pause"
+        );
+        assert_eq!(held.next_release, None, "no wave time comes while paused");
+
+        // Paused before 1.1 was published: a fresh wave-1 node (delay 0)
+        // installs 1.0, not the version published during the pause.
+        let mut policy = waves_policy();
+        policy.pause(at("2026-11-30T04:00:00Z"));
+        let (held, chosen, _) = held_choice(&policy, 0, "2026-11-30T05:00:01Z", &[], &["myapp"]);
+        assert_eq!(chosen, [("myapp".into(), "1.0".into())]);
+        assert_eq!(held.next_release, None);
+
+        // Only the new version in the suite: the fresh node waits, paused.
+        let mut only_new = Policy {
+            waves: policy.waves.clone(),
+            ..Policy::default()
+        };
+        only_new.stamp("myapp", "1.1", at("2026-11-30T05:00:00Z"));
+        only_new.pause(at("2026-11-30T04:00:00Z"));
+        let mut index = vec![candidate("myapp", "1.1")];
+        let held = apply_policy(
+            &mut index,
+            &specs(&["myapp"]),
+            &DpkgStatus::with_versions([]),
+            Rollout {
+                policy: &only_new,
+                wave: 0,
+                now: at("2026-11-30T06:00:00Z"),
+            },
+        );
+        assert!(held.specs.is_empty());
+        assert_eq!(held.stay, [("myapp".into(), Stay::Paused)]);
+        assert_eq!(held.next_release, None);
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn paused_without_a_time_releases_nothing_with_a_start() {
+        // A policy written before paused_at: frozen before every start.
+        let mut policy = waves_policy();
+        policy.paused = true;
+        let (held, chosen, stay) = held_choice(&policy, 0, "2026-11-30T06:00:00Z", &[], &["myapp"]);
+        assert!(chosen.is_empty(), "{chosen:?}");
+        assert_eq!(stay, [("myapp".into(), Stay::Paused)]);
+        assert_eq!(held.next_release, None);
+        // A version without a start time is not the rollout's to hold.
+        let unstamped = Policy {
+            paused: true,
+            ..Policy::default()
+        };
+        let (_, chosen, _) = held_choice(&unstamped, 0, "2026-11-30T06:00:00Z", &[], &["myapp"]);
+        assert_eq!(chosen, [("myapp".into(), "1.1".into())]);
+    }
+
+    #[test]
+    fn after_resume_the_waves_go_on_in_order_with_their_delays() {
+        // Paused at 05:05 for an hour; resumed at 06:05.
+        let mut policy = waves_policy();
+        policy.pause(at("2026-11-30T05:05:00Z"));
+        policy.resume(at("2026-11-30T06:05:00Z"));
+        let installed = [("myapp", "1.0")];
+        // Wave 2 had 5 of its 10 minutes before the pause: 5 more after.
+        let (held, chosen, _) =
+            held_choice(&policy, 1, "2026-11-30T06:09:59Z", &installed, &["myapp"]);
+        assert!(chosen.is_empty());
+        assert_eq!(held.next_release, Some(at("2026-11-30T06:10:00Z")));
+        let (_, chosen, _) =
+            held_choice(&policy, 1, "2026-11-30T06:10:00Z", &installed, &["myapp"]);
+        assert_eq!(chosen, [("myapp".into(), "1.1".into())]);
+        let (held, chosen, _) =
+            held_choice(&policy, 2, "2026-11-30T06:10:00Z", &installed, &["myapp"]);
+        assert!(chosen.is_empty());
+        assert_eq!(held.next_release, Some(at("2026-11-30T06:20:00Z")));
+        // Wave 1 had 1.1 before the pause and keeps it.
+        let (_, chosen, _) =
+            held_choice(&policy, 0, "2026-11-30T06:05:00Z", &installed, &["myapp"]);
+        assert_eq!(chosen, [("myapp".into(), "1.1".into())]);
     }
 
     #[test]

@@ -37,11 +37,13 @@ pub enum Change {
 impl Change {
     /// Applies the change; what it did, or why it cannot be (a pin to a
     /// version the suite does not have, an unpin of a package not pinned).
-    /// `suite` and `url` name the suite in errors.
+    /// `date` is the Date of the Release that will sign it: the moment a
+    /// pause begins or ends. `suite` and `url` name the suite in errors.
     pub fn apply(
         &self,
         policy: &mut Policy,
         entries: &[Entry],
+        date: DateTime<Utc>,
         suite: &str,
         url: &str,
     ) -> Result<String, PublishError> {
@@ -65,14 +67,23 @@ impl Change {
                 )
             }
             Change::Pause => {
-                policy.paused = true;
-                "paused: no node changes an installed version (pins and fresh nodes still install)"
-                    .into()
+                policy.pause(date);
+                let since = policy
+                    .paused_at
+                    .map_or("an unknown time".to_string(), |at| {
+                        at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    });
+                format!(
+                    "paused since {since}: nothing is released to any wave after that; no node changes an installed version, a fresh node installs what its wave had then (pins still install)"
+                )
             }
-            Change::Resume => {
-                policy.paused = false;
-                "resumed".into()
-            }
+            Change::Resume => match policy.resume(date) {
+                Some(shift) => format!(
+                    "resumed: every start moved {} later (the paused time), so no wave's delay was spent paused",
+                    humantime::format_duration(shift.to_std().unwrap_or_default())
+                ),
+                None => "resumed (the pause had no start time: start times unchanged)".into(),
+            },
             Change::Pin { package, version } => {
                 let exact = entries
                     .iter()
@@ -227,7 +238,8 @@ mod tests {
                 version: typed.into(),
             };
             assert_eq!(
-                pin.apply(&mut policy, &entries, "s", "u").unwrap(),
+                pin.apply(&mut policy, &entries, at("2026-11-30T04:00:00Z"), "s", "u")
+                    .unwrap(),
                 format!("pinned myapp to {pinned}")
             );
             assert_eq!(policy.pin("myapp"), Some(pinned));
@@ -238,7 +250,13 @@ mod tests {
         };
         assert!(
             not_there
-                .apply(&mut Policy::default(), &entries, "s", "u")
+                .apply(
+                    &mut Policy::default(),
+                    &entries,
+                    at("2026-11-30T04:00:00Z"),
+                    "s",
+                    "u"
+                )
                 .is_err(),
             "1.2 is not 1.2~rc1"
         );
@@ -247,13 +265,14 @@ mod tests {
     #[test]
     fn changes_say_what_they_did_or_why_not() {
         let entries = [entry("myapp", "1.0"), entry("myapp", "1.1")];
+        let now = at("2026-11-30T05:00:00Z");
         let mut policy = Policy::default();
         let pin = Change::Pin {
             package: "myapp".into(),
             version: "0:1.0".into(),
         };
         assert_eq!(
-            pin.apply(&mut policy, &entries, "s", "u").unwrap(),
+            pin.apply(&mut policy, &entries, now, "s", "u").unwrap(),
             "pinned myapp to 1.0"
         );
         assert_eq!(policy.pin("myapp"), Some("1.0"));
@@ -263,7 +282,7 @@ mod tests {
         };
         assert!(
             missing
-                .apply(&mut policy, &entries, "s", "u")
+                .apply(&mut policy, &entries, now, "s", "u")
                 .unwrap_err()
                 .to_string()
                 .contains("myapp 2.0 is not in suite s")
@@ -271,25 +290,45 @@ mod tests {
         let unpin = Change::Unpin {
             package: "myapp".into(),
         };
-        unpin.apply(&mut policy, &entries, "s", "u").unwrap();
+        unpin.apply(&mut policy, &entries, now, "s", "u").unwrap();
         assert!(
             unpin
-                .apply(&mut policy, &entries, "s", "u")
+                .apply(&mut policy, &entries, now, "s", "u")
                 .unwrap_err()
                 .to_string()
                 .contains("myapp is not pinned in s")
         );
-        Change::Pause
-            .apply(&mut policy, &entries, "s", "u")
+        let paused = Change::Pause
+            .apply(&mut policy, &entries, now, "s", "u")
             .unwrap();
+        assert!(
+            paused.starts_with("paused since 2026-11-30T05:00:00Z"),
+            "{paused}"
+        );
         assert!(policy.paused);
+        // A second pause keeps the first one's time.
+        let later = at("2026-11-30T06:00:00Z");
+        Change::Pause
+            .apply(&mut policy, &entries, later, "s", "u")
+            .unwrap();
+        assert_eq!(policy.paused_at, Some(now));
         let set = Change::Set {
             waves: Some(rollout::parse_waves("10%@0s,100%@1m").unwrap()),
             max_in_flight: Some(Some(2)),
         };
         assert_eq!(
-            set.apply(&mut policy, &entries, "s", "u").unwrap(),
+            set.apply(&mut policy, &entries, now, "s", "u").unwrap(),
             "waves 10%@0s, 100%@1m, max in flight 2"
+        );
+        policy.stamp("myapp", "1.0", at("2026-11-30T04:00:00Z"));
+        let resumed = Change::Resume
+            .apply(&mut policy, &entries, at("2026-11-30T05:30:00Z"), "s", "u")
+            .unwrap();
+        assert!(resumed.contains("moved 30m later"), "{resumed}");
+        assert!(!policy.paused);
+        assert_eq!(
+            policy.started("myapp", "1.0"),
+            Some(at("2026-11-30T04:30:00Z"))
         );
     }
 }

@@ -67,9 +67,16 @@ pub async fn rollout(args: RolloutArgs) -> Result<(), Error> {
 
 /// One line: paused or active, waves, limit, pins.
 pub fn describe(policy: &Policy) -> String {
+    let state = match (policy.paused, policy.paused_at) {
+        (false, _) => "active".to_string(),
+        (true, Some(at)) => format!(
+            "paused since {}",
+            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
+        (true, None) => "paused since an unknown time (nothing with a start time is released; resume, then pause again, to record one)".to_string(),
+    };
     let mut line = format!(
-        "{}, waves {}, max in flight {}",
-        if policy.paused { "paused" } else { "active" },
+        "{state}, waves {}, max in flight {}",
         waves_text(&policy.waves),
         policy
             .max_in_flight
@@ -82,7 +89,8 @@ pub fn describe(policy: &Policy) -> String {
 }
 
 /// `rollout show`: the policy in force and, per package, the version each
-/// wave is on now (and the next one it gets, and when).
+/// wave is on now (and the next one it gets, and when; while paused, what
+/// the pause holds back instead).
 async fn show(target: &RolloutTarget) -> Result<(), Error> {
     let publisher = Publisher::open(&target.repo).await?;
     let suite = &target.suite;
@@ -127,26 +135,26 @@ fn show_text(suite: &str, current: &Current, now: DateTime<Utc>) -> String {
         }
         let _ = writeln!(out, "{package}:");
         for (i, wave) in policy.waves.iter().enumerate() {
-            let released = |v: &&&debversion::Version| {
-                policy
-                    .released_at(package, &v.to_string(), i)
-                    .is_none_or(|at| at <= now)
-            };
+            let released =
+                |v: &&&debversion::Version| policy.is_released(package, &v.to_string(), i, now);
             let on = list.iter().rev().find(released);
-            let next = list
-                .iter()
-                .rev()
-                .filter(|v| on.is_none_or(|on| **v > *on))
-                .filter_map(|v| Some((v, policy.released_at(package, &v.to_string(), i)?)))
-                .filter(|(_, at)| *at > now)
-                .min_by_key(|(_, at)| *at);
+            let newer = || list.iter().rev().filter(|v| on.is_none_or(|on| **v > *on));
             let _ = write!(
                 out,
                 "  wave {} ({wave}): {}",
                 i + 1,
                 on.map_or("nothing yet".to_string(), |v| v.to_string())
             );
-            if let Some((version, at)) = next {
+            if policy.paused {
+                // Nothing newer has a time while paused: the resume sets it.
+                if let Some(version) = newer().next() {
+                    let _ = write!(out, "; {version} held by the pause");
+                }
+            } else if let Some((version, at)) = newer()
+                .filter_map(|v| Some((v, policy.released_at(package, &v.to_string(), i)?)))
+                .filter(|(_, at)| *at > now)
+                .min_by_key(|(_, at)| *at)
+            {
                 let _ = write!(out, "; {version} at {}", at.to_rfc3339());
             }
             out.push('\n');
@@ -170,7 +178,7 @@ impl Publisher {
         let before = current.policy.clone().unwrap_or_default();
         let mut policy = before.clone();
         let url = self.store.url(&Self::dists(suite, "InRelease"));
-        let what = change.apply(&mut policy, &current.entries, suite, &url)?;
+        let what = change.apply(&mut policy, &current.entries, date, suite, &url)?;
         if current.policy.is_some() && policy == before {
             return Ok(None);
         }

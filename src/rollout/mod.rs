@@ -5,6 +5,7 @@
 //! ```toml
 //! format = 1
 //! paused = false
+//! # paused_at = "2026-11-30T04:30:00Z"   (only while paused)
 //! max_in_flight = 1
 //! waves = ["5%@0s", "25%@10m", "100%@30m"]
 //!
@@ -26,8 +27,15 @@
 //! - **Pins** name the version every node runs (an older one is a signed
 //!   fleet rollback). A pin is the operator's explicit word: it is not held
 //!   by waves or by `paused`.
-//! - **Paused**: a node that has a package installed keeps it; a fresh node
-//!   still installs what its wave has, so that new instances come up.
+//! - **Paused** (`paused_at`: when the pause began): the schedule is frozen
+//!   at that moment. A node that has a package installed keeps it; a fresh
+//!   node installs what its wave had when the pause began, so that new
+//!   instances come up but nothing new goes anywhere. A paused policy
+//!   without `paused_at` (written before it existed) is frozen before any
+//!   start: nothing with a start time is released (fail closed). On resume
+//!   the publisher moves every start forward by the paused time that
+//!   overlapped it ([`Policy::resume`]), so the pause counts toward no
+//!   wave's delay and resuming does not release every wave at once.
 //! - **max_in_flight**: at most that many serving nodes between drain and
 //!   commit at once (leases in the fleet prefix; see `crate::fleet`).
 //!
@@ -78,10 +86,17 @@ impl Wave {
         if !(percent > 0.0 && percent <= 100.0) {
             return Err(bad("the share is more than 0% and at most 100%"));
         }
+        // Written back with four decimals (Display): a finer share would
+        // come back as another number, and two close shares as equal ones,
+        // which every agent then refuses. So: ten-thousandths of a percent.
+        let steps = percent * 10_000.0;
+        if (steps - steps.round()).abs() > 1e-6 || steps.round() < 1.0 {
+            return Err(bad("the share has at most four decimal places"));
+        }
         let delay =
             humantime::parse_duration(delay.trim()).map_err(|e| bad(&format!("the delay: {e}")))?;
         Ok(Wave {
-            share: percent / 100.0,
+            share: steps.round() / 1_000_000.0,
             delay,
         })
     }
@@ -152,6 +167,10 @@ pub fn position(node_id: &str) -> f64 {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub paused: bool,
+    /// When the pause began (the Date of the Release that signed it);
+    /// `None` while not paused, or in a paused policy written before this
+    /// field existed (see [`Policy::frozen_at`]).
+    pub paused_at: Option<DateTime<Utc>>,
     pub max_in_flight: Option<u32>,
     pub waves: Vec<Wave>,
     /// package -> version every node runs.
@@ -165,6 +184,7 @@ impl Default for Policy {
     fn default() -> Policy {
         Policy {
             paused: false,
+            paused_at: None,
             max_in_flight: None,
             waves: vec![Wave {
                 share: 1.0,
@@ -183,6 +203,8 @@ struct File {
     format: u32,
     #[serde(default)]
     paused: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    paused_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_in_flight: Option<u32>,
     #[serde(default)]
@@ -219,6 +241,19 @@ impl Policy {
             crate::repo::names::PackageSpec::parse(&format!("{package}={version}"))
                 .map_err(|e| format!("pins.{package}: {e}"))?;
         }
+        let paused_at = match (file.paused, file.paused_at) {
+            (_, None) => None,
+            (true, Some(at)) => Some(
+                DateTime::parse_from_rfc3339(&at)
+                    .map_err(|e| format!("paused_at: {at:?}: {e}"))?
+                    .with_timezone(&Utc),
+            ),
+            (false, Some(at)) => {
+                return Err(format!(
+                    "paused_at = {at:?} without paused = true (a pause half undone)"
+                ));
+            }
+        };
         let mut started = BTreeMap::new();
         for (package, versions) in file.started {
             let mut times = BTreeMap::new();
@@ -232,6 +267,7 @@ impl Policy {
         }
         Ok(Policy {
             paused: file.paused,
+            paused_at,
             max_in_flight: file.max_in_flight,
             waves,
             pins: file.pins,
@@ -244,6 +280,10 @@ impl Policy {
         let file = File {
             format: FORMAT,
             paused: self.paused,
+            paused_at: self
+                .paused_at
+                .filter(|_| self.paused)
+                .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
             max_in_flight: self.max_in_flight,
             waves: self.waves.iter().map(ToString::to_string).collect(),
             pins: self.pins.clone(),
@@ -302,6 +342,71 @@ impl Policy {
             .and_then(|delay| started.checked_add_signed(delay))
             .unwrap_or(DateTime::<Utc>::MAX_UTC);
         Some(at)
+    }
+
+    /// When the schedule froze: `None` when not paused; the moment the
+    /// pause began; [`DateTime::MIN_UTC`] for a paused policy that does not
+    /// say when (nothing with a start time is released: fail closed).
+    pub fn frozen_at(&self) -> Option<DateTime<Utc>> {
+        self.paused
+            .then(|| self.paused_at.unwrap_or(DateTime::<Utc>::MIN_UTC))
+    }
+
+    /// The time the schedule is read at: `now`, or the moment the pause
+    /// began when that is earlier.
+    pub fn schedule_time(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        self.frozen_at().map_or(now, |frozen| frozen.min(now))
+    }
+
+    /// Whether `version` of `package` is released to `wave` at `now`: no
+    /// start time (not held), or its wave's time is at or before the
+    /// schedule time (a pause freezes it).
+    pub fn is_released(
+        &self,
+        package: &str,
+        version: &str,
+        wave: usize,
+        now: DateTime<Utc>,
+    ) -> bool {
+        self.released_at(package, version, wave)
+            .is_none_or(|at| at <= self.schedule_time(now))
+    }
+
+    /// Pauses at `at` (the Date of the Release that signs it). A policy
+    /// already paused keeps the moment its pause began: pausing again must
+    /// not release what became due since. `true` when it changed.
+    pub fn pause(&mut self, at: DateTime<Utc>) -> bool {
+        if self.paused {
+            return false;
+        }
+        self.paused = true;
+        self.paused_at = Some(at);
+        true
+    }
+
+    /// Resumes at `at`: every start moves forward by the paused time that
+    /// overlapped it, `start' = min(start, paused_at) + (at - paused_at)`,
+    /// so no wave's delay is eaten by the pause (a version published while
+    /// paused starts at the resume). The shift, or `None` when the pause
+    /// has no start time (a policy from before `paused_at`: the starts
+    /// stay) or the policy was not paused.
+    pub fn resume(&mut self, at: DateTime<Utc>) -> Option<chrono::Duration> {
+        if !self.paused {
+            return None;
+        }
+        self.paused = false;
+        let paused_at = self.paused_at.take()?;
+        // A publisher clock behind the pause's: no shift backwards.
+        let shift = (at - paused_at).max(chrono::Duration::zero());
+        for versions in self.started.values_mut() {
+            for start in versions.values_mut() {
+                *start = (*start)
+                    .min(paused_at)
+                    .checked_add_signed(shift)
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC);
+            }
+        }
+        Some(shift)
     }
 
     /// The pinned version of `package`, if any.

@@ -40,12 +40,31 @@ fn bad_waves_are_refused_with_the_reason() {
         ("5%@2m,100%@1m", "delays must not shrink"),
         ("5%@0s,50%@1m", "must reach 100%"),
         ("50%@0s,50%@1m,100%@2m", "shares must grow"),
+        // Found by the fuzz pass: written back as 33.1845%.
+        ("33.18446744073709551616%@1m,100%@2m", "four decimal places"),
+        ("0.00001%@0s,100%@1m", "four decimal places"),
+        ("1e-300%@0s,100%@1m", "four decimal places"),
     ] {
         let error = parse_waves(text).unwrap_err();
         assert!(error.contains(why), "{text:?}: {error}");
     }
     let many = vec!["1%@0s"; MAX_WAVES + 1].join(",");
     assert!(parse_waves(&many).is_err());
+}
+
+#[test]
+fn close_shares_stay_apart_when_the_policy_is_written_back() {
+    // Before: 33.33334% and 33.33335% were both written "33.3333%", and
+    // every agent refused the policy (shares must grow).
+    assert!(parse_waves("33.33334%@0s,33.33335%@1m,100%@2m").is_err());
+    let list = waves("33.3333%@0s,33.3334%@1m,100%@2m");
+    let mut policy = Policy {
+        waves: list,
+        ..Policy::default()
+    };
+    policy.stamp("myapp", "1.0", at("2026-11-30T05:00:00Z"));
+    assert_eq!(Policy::parse(&policy.to_text("s")).unwrap(), policy);
+    assert_eq!(Wave::parse("1e1%@0s").unwrap().to_string(), "10%@0s");
 }
 
 #[test]
@@ -162,6 +181,14 @@ fn policies_an_agent_must_not_half_follow_are_refused() {
             "started.myapp",
         ),
         ("format = 1\npaused = \"yes\"\n", "paused"),
+        (
+            "format = 1\npaused = true\npaused_at = \"at lunch\"\n",
+            "paused_at",
+        ),
+        (
+            "format = 1\npaused_at = \"2026-11-30T05:00:00Z\"\n",
+            "without paused = true",
+        ),
     ] {
         let error = Policy::parse(text).unwrap_err();
         assert!(error.contains(why), "{text:?}: {error}");
@@ -179,4 +206,111 @@ fn start_times_of_removed_versions_are_forgotten() {
     assert_eq!(policy.started("myapp", "1.0"), None);
     assert!(policy.started("myapp", "1.1").is_some());
     assert!(!policy.started.contains_key("gone"));
+}
+
+#[test]
+fn a_pause_is_stamped_once_and_written_with_its_time() {
+    let mut policy = Policy::default();
+    assert!(policy.pause(at("2026-11-30T05:00:00Z")));
+    // Pausing again keeps the moment the pause began.
+    assert!(!policy.pause(at("2026-11-30T06:00:00Z")));
+    assert_eq!(policy.paused_at, Some(at("2026-11-30T05:00:00Z")));
+    assert_eq!(policy.frozen_at(), Some(at("2026-11-30T05:00:00Z")));
+    let text = policy.to_text("production");
+    assert!(
+        text.contains("paused_at = \"2026-11-30T05:00:00Z\""),
+        "{text}"
+    );
+    assert_eq!(Policy::parse(&text).unwrap(), policy);
+}
+
+#[test]
+fn an_old_paused_policy_without_a_time_freezes_before_every_start() {
+    let policy = Policy::parse("format = 1\npaused = true\n").unwrap();
+    assert_eq!(policy.paused_at, None);
+    assert_eq!(policy.frozen_at(), Some(DateTime::<Utc>::MIN_UTC));
+    let mut stamped = policy.clone();
+    stamped.stamp("myapp", "1.0", at("2000-01-01T00:00:00Z"));
+    let now = at("2026-11-30T05:00:00Z");
+    assert!(!stamped.is_released("myapp", "1.0", 0, now));
+    assert!(stamped.is_released("myapp", "unstamped", 0, now));
+    // Its resume cannot know the paused time: the starts stay.
+    assert_eq!(stamped.resume(now), None);
+    assert!(!stamped.paused);
+    assert_eq!(
+        stamped.started("myapp", "1.0"),
+        Some(at("2000-01-01T00:00:00Z"))
+    );
+}
+
+#[test]
+fn a_pause_freezes_the_schedule_at_its_start() {
+    let mut policy = Policy {
+        waves: waves("5%@0s,25%@10m,100%@30m"),
+        ..Policy::default()
+    };
+    policy.stamp("myapp", "1.0", at("2026-11-30T04:00:00Z"));
+    policy.pause(at("2026-11-30T04:15:00Z"));
+    policy.stamp("myapp", "1.1", at("2026-11-30T04:20:00Z"));
+    let later = at("2026-12-30T00:00:00Z");
+    assert!(policy.is_released("myapp", "1.0", 0, later));
+    assert!(policy.is_released("myapp", "1.0", 1, later));
+    assert!(
+        !policy.is_released("myapp", "1.0", 2, later),
+        "04:30 > 04:15"
+    );
+    assert!(
+        !policy.is_released("myapp", "1.1", 0, later),
+        "published paused"
+    );
+    // Before the pause, the schedule is read at now.
+    assert!(!policy.is_released("myapp", "1.0", 1, at("2026-11-30T04:09:59Z")));
+}
+
+#[test]
+fn resume_moves_starts_by_the_paused_time_that_overlapped_them() {
+    let mut policy = Policy {
+        waves: waves("5%@0s,25%@10m,100%@30m"),
+        ..Policy::default()
+    };
+    policy.stamp("myapp", "1.0", at("2026-11-30T04:00:00Z"));
+    policy.pause(at("2026-11-30T04:15:00Z"));
+    policy.stamp("myapp", "1.1", at("2026-11-30T04:20:00Z"));
+    let shift = policy.resume(at("2026-11-30T06:15:00Z"));
+    assert_eq!(shift, Some(chrono::Duration::hours(2)));
+    assert!(!policy.paused);
+    assert_eq!(policy.paused_at, None);
+    // Started before the pause: two hours later. Published while paused:
+    // starts at the resume.
+    assert_eq!(
+        policy.started("myapp", "1.0"),
+        Some(at("2026-11-30T06:00:00Z"))
+    );
+    assert_eq!(
+        policy.started("myapp", "1.1"),
+        Some(at("2026-11-30T06:15:00Z"))
+    );
+    // Wave 3 of 1.0 had 15 of its 30 minutes before the pause: 15 after.
+    assert_eq!(
+        policy.released_at("myapp", "1.0", 2),
+        Some(at("2026-11-30T06:30:00Z"))
+    );
+    // A resume dated before the pause (a publisher clock behind) shifts
+    // nothing backwards; the end of the calendar saturates.
+    let mut behind = Policy::default();
+    behind.stamp("myapp", "1.0", at("2026-11-30T04:00:00Z"));
+    behind.pause(at("2026-11-30T05:00:00Z"));
+    assert_eq!(
+        behind.resume(at("2026-11-30T03:00:00Z")),
+        Some(chrono::Duration::zero())
+    );
+    assert_eq!(
+        behind.started("myapp", "1.0"),
+        Some(at("2026-11-30T04:00:00Z"))
+    );
+    let mut far = Policy::default();
+    far.stamp("myapp", "1.0", at("2026-11-30T04:00:00Z"));
+    far.pause(DateTime::<Utc>::MIN_UTC);
+    far.resume(DateTime::<Utc>::MAX_UTC);
+    assert_eq!(far.started("myapp", "1.0"), Some(DateTime::<Utc>::MAX_UTC));
 }
