@@ -188,11 +188,15 @@ impl Fleet {
             // finds it free. No loop here: a node should not spin.
             Ok(None) => return Ok(None),
             // Too large to be a lease: garbage, broken by the ETag of a
-            // HEAD (its body is never read).
+            // HEAD (its body is never read). The HEAD must itself show an
+            // object too large to be a lease: between the GET and the HEAD
+            // another node may have broken the garbage and written its
+            // live lease, whose ETag would otherwise break it in turn.
             Err(FleetError::Store(e)) if super::too_large(&e) => {
                 match self.store.head(&path).await? {
-                    Some(head) => (None, None, head.etag),
-                    None => return Ok(None),
+                    Some(head) if head.size > MAX_LEASE_BYTES => (None, None, head.etag),
+                    // Gone or replaced since the GET: look again next poll.
+                    _ => return Ok(None),
                 }
             }
             Err(e) => return Err(e),

@@ -258,6 +258,109 @@ async fn lease_slot_garbage_any_size() {
     }
 }
 
+/// A directory store whose first HEAD runs `before_head` first: another
+/// node acting between this node's GET of a slot and its HEAD.
+struct HeadRace {
+    inner: DirStore,
+    before_head: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Store for HeadRace {
+    fn url(&self, path: &str) -> String {
+        self.inner.url(path)
+    }
+    fn get<'a>(
+        &'a self,
+        path: &'a str,
+        limit: u64,
+    ) -> crate::source::BoxFuture<'a, Result<Option<Stored>, PublishError>> {
+        self.inner.get(path, limit)
+    }
+    fn digest<'a>(
+        &'a self,
+        path: &'a str,
+    ) -> crate::source::BoxFuture<'a, Result<Option<(String, u64)>, PublishError>> {
+        self.inner.digest(path)
+    }
+    fn size<'a>(
+        &'a self,
+        path: &'a str,
+    ) -> crate::source::BoxFuture<'a, Result<Option<u64>, PublishError>> {
+        self.inner.size(path)
+    }
+    fn head<'a>(
+        &'a self,
+        path: &'a str,
+    ) -> crate::source::BoxFuture<'a, Result<Option<crate::publish::store::Head>, PublishError>>
+    {
+        if let Some(hook) = self.before_head.lock().unwrap().take() {
+            hook();
+        }
+        self.inner.head(path)
+    }
+    fn put<'a>(
+        &'a self,
+        path: &'a str,
+        body: Body<'a>,
+        condition: Condition<'a>,
+    ) -> crate::source::BoxFuture<'a, Result<Written, PublishError>> {
+        self.inner.put(path, body, condition)
+    }
+    fn delete<'a>(
+        &'a self,
+        path: &'a str,
+        if_match: Option<&'a str>,
+    ) -> crate::source::BoxFuture<'a, Result<bool, PublishError>> {
+        self.inner.delete(path, if_match)
+    }
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> crate::source::BoxFuture<'a, Result<Vec<String>, PublishError>> {
+        self.inner.list(prefix)
+    }
+}
+
+/// Two nodes find the same oversized garbage in the only slot. Node A
+/// breaks it and writes its live lease between node B's GET (too large)
+/// and B's HEAD: B must not break A's lease with the ETag that HEAD
+/// returns now. (Seen under load in `lease_slot_garbage_any_size`: two
+/// nodes drained at once.)
+#[tokio::test]
+async fn garbage_broken_by_another_node_between_get_and_head_is_left_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = lease_file(dir.path(), 0);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, vec![b'x'; 8 * 1024]).unwrap();
+    let root = dir.path().to_path_buf();
+    let a_breaks_it = move || {
+        // Node A runs elsewhere: a thread with a runtime of its own.
+        let lease = std::thread::spawn(move || {
+            let a = fleet(&root, "node-a");
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(a.take_lease(1, Duration::from_secs(60)))
+                .map(|lease| lease.is_some())
+        })
+        .join()
+        .unwrap();
+        assert!(matches!(lease, Ok(true)), "node a broke the garbage");
+    };
+    let b = Fleet::with_store(
+        Box::new(HeadRace {
+            inner: DirStore::new(dir.path().to_path_buf()),
+            before_head: std::sync::Mutex::new(Some(Box::new(a_breaks_it))),
+        }),
+        SUITE,
+        "node-b",
+    );
+    let taken = b.take_lease(1, Duration::from_secs(60)).await.unwrap();
+    assert!(taken.is_none(), "node b took the slot node a holds");
+    assert_eq!(holder(dir.path(), 0).as_deref(), Some("node-a"));
+}
+
 #[tokio::test]
 async fn halt_and_unhalt_a_version_with_an_epoch_and_a_tilde() {
     let dir = tempfile::tempdir().unwrap();
