@@ -1241,6 +1241,31 @@ fn fleet_store_5xx_or_timeout() {
         "only the fresh node installed"
     );
 
+    // The fleet store hangs: every lease request's answer stalls after its
+    // headers (a byte every 10 s). The serving nodes still wait.
+    proxy.clear_path("leases");
+    proxy.inject(
+        "leases",
+        Fault::Trickle {
+            every: Duration::from_secs(10),
+        },
+        None,
+    );
+    // Each node's lease listing fails by the SDK's stalled-stream
+    // protection (no byte for 5 s) and the node waits for the next poll.
+    for node in &serving {
+        waits_for(node, "fleet: no in-flight lease");
+        wait_for("the stalled lease request given up", LIMIT, || {
+            node.state()
+                .waiting
+                .is_some_and(|w| w.reason.contains("throughput"))
+        });
+    }
+    for (node, before) in serving.iter().zip(&before) {
+        assert_eq!(node.installed("myapp").as_deref(), Some("1.0"));
+        assert_eq!(&dpkg_log(node), before, "dpkg ran while the fleet hung");
+    }
+
     // The faults stop: one at a time, everyone converges.
     proxy.clear();
     for node in &serving {
