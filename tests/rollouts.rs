@@ -215,6 +215,20 @@ fn run(node: &Node) -> Running {
     Running::start(node.command(&["run"]))
 }
 
+/// Runs `nodes` until each has committed 1.0 and serves (/healthz 200):
+/// the daemons and their health ports.
+fn serve(nodes: &[Node]) -> (Vec<Running>, Vec<u16>) {
+    let mut running: Vec<Running> = nodes.iter().map(run).collect();
+    let ports: Vec<u16> = running.iter_mut().map(Running::health_port).collect();
+    for node in nodes {
+        wait_installed(node, "1.0");
+    }
+    for port in &ports {
+        wait_for("/healthz 200", LIMIT, || healthz(*port).0 == 200);
+    }
+    (running, ports)
+}
+
 fn committed(node: &Node) -> Option<(String, DateTime<Utc>)> {
     let state = node.state();
     let p = state.installed.get("myapp")?;
@@ -444,14 +458,7 @@ fn one_in_flight_drains_one_serving_node_at_a_time() {
         .iter()
         .map(|id| rig.node(id, true, "drain = \"1s\""))
         .collect();
-    let mut running: Vec<Running> = nodes.iter().map(run).collect();
-    let ports: Vec<u16> = running.iter_mut().map(Running::health_port).collect();
-    for node in &nodes {
-        wait_installed(node, "1.0");
-    }
-    for port in &ports {
-        wait_for("/healthz 200", LIMIT, || healthz(*port).0 == 200);
-    }
+    let (_running, ports) = serve(&nodes);
 
     rig.rollout(&["set", "--max-in-flight", "1"]);
     // Each install is long enough to overlap with another's if the lease
@@ -636,14 +643,7 @@ fn a_node_waiting_for_the_lease_never_runs_the_version_its_holder_halted() {
         .map(|id| rig.node(id, true, health))
         .collect();
     let _apps: Vec<App> = nodes.iter().map(|n| App::start(n, |_, _| 200)).collect();
-    let mut running: Vec<Running> = nodes.iter().map(run).collect();
-    let ports: Vec<u16> = running.iter_mut().map(Running::health_port).collect();
-    for node in &nodes {
-        wait_installed(node, "1.0");
-    }
-    for port in &ports {
-        wait_for("/healthz 200", LIMIT, || healthz(*port).0 == 200);
-    }
+    let (_running, ports) = serve(&nodes);
 
     rig.rollout(&["set", "--max-in-flight", "1"]);
     // Fails once the test lets it (at most a minute later).
@@ -1118,14 +1118,7 @@ fn lease_slot_garbage_any_size() {
         .iter()
         .map(|id| rig.node(id, true, "drain = \"1s\""))
         .collect();
-    let mut running: Vec<Running> = nodes.iter().map(run).collect();
-    let ports: Vec<u16> = running.iter_mut().map(Running::health_port).collect();
-    for node in &nodes {
-        wait_installed(node, "1.0");
-    }
-    for port in &ports {
-        wait_for("/healthz 200", LIMIT, || healthz(*port).0 == 200);
-    }
+    let (mut running, ports) = serve(&nodes);
     rig.rollout(&["set", "--max-in-flight", "1"]);
     let live = format!(
         "Owner: g-9\nAcquired: {}\nExpires: {}\n",
@@ -1296,14 +1289,7 @@ fn duplicate_node_id() {
         rig.node(dup, true, &extra),
         rig.node(other, true, &extra),
     ];
-    let mut running: Vec<Running> = nodes.iter().map(run).collect();
-    let ports: Vec<u16> = running.iter_mut().map(Running::health_port).collect();
-    for node in &nodes {
-        wait_installed(node, "1.0");
-    }
-    for port in &ports {
-        wait_for("/healthz 200", LIMIT, || healthz(*port).0 == 200);
-    }
+    let (mut running, ports) = serve(&nodes);
     rig.rollout(&["set", "--max-in-flight", "1", "--waves", "50%@0s,100%@6s"]);
     // Slow enough that two installs would overlap if both took the lease.
     let log = logs.path().join("1.1");

@@ -100,6 +100,31 @@ pub struct Agent {
     lease_ttl: std::time::Duration,
 }
 
+impl Agent {
+    /// What a cycle does with the verified plan `prepare` hands it, in
+    /// this order: the lease and the halt check under it (`coordinate`),
+    /// dpkg and the health gate (`apply`), then the halt marker of a
+    /// version this attempt marked bad and only then the lease back
+    /// (`after_install`). One sequence, which the fleet unit tests run
+    /// too.
+    async fn coordinate_and_apply(
+        &self,
+        mut plan: Plan,
+        state: &mut State,
+    ) -> Result<Outcome, Error> {
+        let lease = self.coordinate(&mut plan, state).await?;
+        let attempted: Vec<(String, String)> = plan
+            .installs
+            .iter()
+            .map(|i| (i.name.clone(), i.to.clone()))
+            .collect();
+        state.waiting = plan.waiting.take();
+        let result = self.apply(plan, state).await;
+        self.after_install(&attempted, lease, state, &result).await;
+        result
+    }
+}
+
 /// What a cycle did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -384,20 +409,7 @@ impl Agent {
                 Err(_elapsed) => Err(Error::CycleDeadline { limit }),
                 Ok(Err(e)) => Err(e),
                 Ok(Ok(None)) => Ok(Outcome::Unchanged),
-                Ok(Ok(Some(mut plan))) => match self.coordinate(&mut plan, state).await {
-                    Err(e) => Err(e),
-                    Ok(lease) => {
-                        let attempted: Vec<(String, String)> = plan
-                            .installs
-                            .iter()
-                            .map(|i| (i.name.clone(), i.to.clone()))
-                            .collect();
-                        state.waiting = plan.waiting.take();
-                        let result = self.apply(plan, state).await;
-                        self.after_install(&attempted, lease, state, &result).await;
-                        result
-                    }
-                },
+                Ok(Ok(Some(plan))) => self.coordinate_and_apply(plan, state).await,
             }
         };
         let recorded = self.record(state, &result);

@@ -788,21 +788,10 @@ impl Node {
     }
 }
 
-/// What `Agent::cycle` does with the verified plan `prepare` hands it: the
-/// lease and the halt check under it (`coordinate`), dpkg and the health
-/// gate (`apply`), then the halt marker and the lease back
-/// (`after_install`).
-async fn coordinated(agent: &Agent, mut plan: Plan, state: &mut State) -> Result<Outcome, Error> {
-    let lease = agent.coordinate(&mut plan, state).await?;
-    let attempted: Vec<(String, String)> = plan
-        .installs
-        .iter()
-        .map(|i| (i.name.clone(), i.to.clone()))
-        .collect();
-    state.waiting = plan.waiting.take();
-    let result = agent.apply(plan, state).await;
-    agent.after_install(&attempted, lease, state, &result).await;
-    result
+/// What `Agent::cycle` does with the verified plan `prepare` hands it
+/// (`Agent::coordinate_and_apply`, the cycle's own sequence).
+async fn coordinated(agent: &Agent, plan: Plan, state: &mut State) -> Result<Outcome, Error> {
+    agent.coordinate_and_apply(plan, state).await
 }
 
 /// Node B waits for the only lease while node A, holding it, installs 1.1,
