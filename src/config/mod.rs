@@ -22,6 +22,7 @@ use crate::error::ConfigError;
 use crate::repo::names::{self, Architecture, Suite};
 
 mod read;
+mod webhook_url;
 
 pub(crate) use read::duration_in;
 
@@ -140,6 +141,7 @@ pub struct AgentSettings {
 
 /// One entry of `agent.packages`: `name` or `name=version` (a pin).
 pub use crate::repo::names::PackageSpec;
+pub use webhook_url::{WebhookUrl, parse_webhook_url};
 
 /// `[install]`: where dpkg installs, and how long it waits for dpkg's lock.
 #[derive(Debug, Clone)]
@@ -196,8 +198,8 @@ pub struct LifecycleSettings {
 /// `[notify]`: an incoming webhook (Slack-compatible `{"text": ...}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotifySettings {
-    /// A credential: never printed (see [`crate::webhook::WebhookUrl`]).
-    pub webhook: crate::webhook::WebhookUrl,
+    /// A credential: never printed (see [`WebhookUrl`]).
+    pub webhook: WebhookUrl,
     pub events: Vec<NodeEvent>,
     /// Consecutive failed cycles that make a `failing` event (once per
     /// streak).
@@ -667,7 +669,7 @@ fn read_lifecycle(mut s: Section) -> LifecycleSettings {
 fn read_notify(mut s: Section) -> Option<NotifySettings> {
     let webhook = s
         .need("webhook", Section::take_str)
-        .and_then(|url| s.check("webhook", crate::webhook::WebhookUrl::parse(&url)));
+        .and_then(|url| s.check("webhook", WebhookUrl::parse(&url)));
     let events = match s.take_str_list("events") {
         None => NodeEvent::ALL.to_vec(),
         Some(list) => {

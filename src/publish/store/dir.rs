@@ -216,26 +216,14 @@ impl Store for DirStore {
     }
 
     fn head<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Option<Head>, PublishError>> {
-        let full = self.full(path);
-        let url = self.url(path);
-        Box::pin(blocking(url.clone(), move || {
-            // The ETag is the content's SHA256: streamed, never held whole.
-            let Some(file) = open_existing(&full, &url)? else {
-                return Ok(None);
-            };
-            let meta = file.metadata().map_err(|e| io_read(&url, e))?;
-            if !meta.is_file() {
-                return Ok(None);
-            }
-            let (sha256, size) = HashingReader::new(&file, StreamDigest::new(u64::MAX))
-                .copy_to(&mut std::io::sink())
-                .map_err(|e| io_read(&url, e))?
-                .finish();
-            Ok(Some(Head {
+        // The ETag is the content's SHA256 (as `get` gives it): the digest,
+        // streamed, never held whole.
+        Box::pin(async move {
+            Ok(self.digest(path).await?.map(|(sha256, size)| Head {
                 size,
                 etag: Some(format!("\"{sha256}\"")),
             }))
-        }))
+        })
     }
 
     fn put<'a>(
